@@ -1,0 +1,331 @@
+"""LoRA adapters: the project's adapter directory, and official SVI / ComfyUI / diffusers LoRA files.
+
+An adapter directory holds ``adapter_model.safetensors`` (peft keys on diffusers module names),
+``adapter_config.json`` (the peft ``LoraConfig``) and ``svi.json`` (base spec, expert, the variant's
+inference defaults, provenance). Inference needs nothing else.
+
+Single files are read in the formats found in the wild (reference/peers.md §4): peft/diffusers names
+(optionally ``transformer.``-prefixed), Wan's original names with peft's ``.default`` segment (optionally
+``pipe.dit.``-prefixed, as SVI ships them), and ComfyUI's ``diffusion_model.`` + ``lora_A/lora_B`` or
+``lora_down/lora_up`` + ``.alpha``. Loading is strict: a key that matches no module is reported by name.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from svi_infer.model import WanModel
+from svi_infer.spec import ModelSpec
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+SVI_META = "svi.json"
+DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
+META_FORMAT = 1
+
+_PREFIXES = ("base_model.model.", "pipe.dit.", "diffusion_model.", "transformer.")
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_down|lora_up)(?:\.[A-Za-z0-9_]+)?\.weight$")
+_ALPHA_KEY = re.compile(r"^(?P<module>.+)\.alpha$")
+# Wan's original module names -> diffusers' WanTransformer3DModel names (reference/svi.md §5.3).
+_BLOCK_NAMES = {
+    "self_attn.q": "attn1.to_q",
+    "self_attn.k": "attn1.to_k",
+    "self_attn.v": "attn1.to_v",
+    "self_attn.o": "attn1.to_out.0",
+    "cross_attn.q": "attn2.to_q",
+    "cross_attn.k": "attn2.to_k",
+    "cross_attn.v": "attn2.to_v",
+    "cross_attn.o": "attn2.to_out.0",
+    "cross_attn.k_img": "attn2.add_k_proj",
+    "cross_attn.v_img": "attn2.add_v_proj",
+    "ffn.0": "ffn.net.0.proj",
+    "ffn.2": "ffn.net.2",
+}
+_TOP_NAMES = {
+    "head.head": "proj_out",
+    "text_embedding.0": "condition_embedder.text_embedder.linear_1",
+    "text_embedding.2": "condition_embedder.text_embedder.linear_2",
+    "time_embedding.0": "condition_embedder.time_embedder.linear_1",
+    "time_embedding.2": "condition_embedder.time_embedder.linear_2",
+    "time_projection.1": "condition_embedder.time_proj",
+    "img_emb.proj.1": "condition_embedder.image_embedder.ff.net.0.proj",
+    "img_emb.proj.3": "condition_embedder.image_embedder.ff.net.2",
+}
+
+
+class AdapterError(ValueError):
+    """An adapter cannot be loaded: wrong base, unmatched keys, or a malformed file."""
+
+
+@dataclass(frozen=True)
+class AdapterMeta:
+    """The contents of ``svi.json``."""
+
+    base: dict[str, Any]
+    expert: str | None = None
+    defaults: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @staticmethod
+    def for_spec(spec: ModelSpec, expert: str | None = None, defaults=None, provenance=None) -> AdapterMeta:
+        base = {
+            "spec": spec.id,
+            "family": spec.family,
+            "dim": spec.dim,
+            "num_layers": spec.num_layers,
+            "in_channels": spec.in_channels,
+        }
+        return AdapterMeta(base, expert, dict(defaults or {}), dict(provenance or {}))
+
+    def check_base(self, spec: ModelSpec, source: Path) -> None:
+        """Refuse an adapter trained for another base (family or dimensions differ)."""
+        mine = AdapterMeta.for_spec(spec).base
+        wrong = [k for k in ("family", "dim", "num_layers", "in_channels") if self.base.get(k) != mine[k]]
+        if wrong:
+            theirs = ", ".join(f"{k}={self.base.get(k)}" for k in wrong)
+            ours = ", ".join(f"{k}={mine[k]}" for k in wrong)
+            raise AdapterError(
+                f"adapter {source} was trained for {self.base.get('spec')} ({theirs}) and cannot load into "
+                f"{spec.id} ({ours}); choose the matching model"
+            )
+
+
+@dataclass
+class LoraWeights:
+    """One module's LoRA: ``down`` [r, in], ``up`` [out, r] and the alpha the file gives (None: alpha = r)."""
+
+    down: Tensor | None = None
+    up: Tensor | None = None
+    alpha: float | None = None
+
+
+def read_meta(path: str | Path) -> AdapterMeta | None:
+    """``svi.json`` of an adapter directory, or None for a bare LoRA file."""
+    meta_path = Path(path) / SVI_META
+    if not meta_path.is_file():
+        return None
+    data = json.loads(meta_path.read_text(encoding="utf-8"))
+    return AdapterMeta(data["base"], data.get("expert"), data.get("defaults", {}), data.get("provenance", {}))
+
+
+def _weights_file(path: Path) -> Path:
+    if path.is_file():
+        return path
+    if not path.exists():
+        raise AdapterError(f"adapter {path} does not exist")
+    for name in (ADAPTER_WEIGHTS, DIFFUSERS_WEIGHTS):
+        if (path / name).is_file():
+            return path / name
+    raise AdapterError(f"adapter directory {path} holds neither {ADAPTER_WEIGHTS} nor {DIFFUSERS_WEIGHTS}")
+
+
+def _strip_prefixes(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix) :], True
+    return key
+
+
+def diffusers_module_name(name: str) -> str:
+    """Map a module name in Wan's original layout to diffusers' (diffusers names pass through)."""
+    if name in _TOP_NAMES:
+        return _TOP_NAMES[name]
+    match = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
+    if match and match.group(2) in _BLOCK_NAMES:
+        return f"blocks.{match.group(1)}.{_BLOCK_NAMES[match.group(2)]}"
+    return name
+
+
+def parse_lora_state_dict(state_dict: dict[str, Tensor]) -> tuple[dict[str, LoraWeights], list[str]]:
+    """Group a LoRA state dict of any supported format by diffusers module name.
+
+    Returns the per-module weights and the keys that are not LoRA weights or alphas.
+    """
+    modules: dict[str, LoraWeights] = {}
+    not_lora: list[str] = []
+    for key, tensor in state_dict.items():
+        bare = _strip_prefixes(key)
+        if match := _LORA_KEY.match(bare):
+            entry = modules.setdefault(diffusers_module_name(match.group("module")), LoraWeights())
+            if match.group("kind") in ("lora_A", "lora_down"):
+                entry.down = tensor
+            else:
+                entry.up = tensor
+        elif match := _ALPHA_KEY.match(bare):
+            modules.setdefault(diffusers_module_name(match.group("module")), LoraWeights()).alpha = float(tensor)
+        else:
+            not_lora.append(key)
+    return modules, not_lora
+
+
+def _alphas_from_config(path: Path, modules: dict[str, LoraWeights]) -> None:
+    """Fill alphas from a peft ``adapter_config.json`` beside the weights (lora_alpha / alpha_pattern)."""
+    cfg_path = (path if path.is_dir() else path.parent) / ADAPTER_CONFIG
+    if not cfg_path.is_file():
+        return
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    pattern = cfg.get("alpha_pattern") or {}
+    for name, weights in modules.items():
+        if weights.alpha is None:
+            hit = next((v for k, v in pattern.items() if re.fullmatch(rf"(.*\.)?{k}", name)), None)
+            weights.alpha = float(hit if hit is not None else cfg.get("lora_alpha", weights.down.shape[0]))
+
+
+def _check_against(
+    transformer: nn.Module,
+    modules: dict[str, LoraWeights],
+    not_lora: list[str],
+    source: Path,
+    spec: ModelSpec,
+) -> tuple[dict[str, LoraWeights], list[str]]:
+    """Split modules into those that fit the transformer and the names that match nothing."""
+    targets = dict(transformer.named_modules())
+    fitting: dict[str, LoraWeights] = {}
+    unmatched = list(not_lora)
+    for name, w in modules.items():
+        module = targets.get(name)
+        if not isinstance(module, nn.Linear):
+            unmatched.append(name)
+            continue
+        if w.down is None or w.up is None:
+            raise AdapterError(f"adapter {source}: module {name} has only one of its two LoRA matrices")
+        rank = w.down.shape[0]
+        if w.down.shape != (rank, module.in_features) or w.up.shape != (module.out_features, rank):
+            raise AdapterError(
+                f"adapter {source} does not fit {spec.id}: {name} is {module.in_features}->{module.out_features} "
+                f"but the LoRA is {tuple(w.down.shape)} / {tuple(w.up.shape)}; it was made for another base"
+            )
+        fitting[name] = w
+    return fitting, unmatched
+
+
+def _inject(transformer: nn.Module, modules: dict[str, LoraWeights], adapter_name: str) -> None:
+    ranks = {name: w.down.shape[0] for name, w in modules.items()}
+    alphas = {name: w.alpha if w.alpha is not None else float(ranks[name]) for name, w in modules.items()}
+    rank = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=sorted(modules),
+        rank_pattern={n: r for n, r in ranks.items() if r != rank},
+        alpha_pattern={n: a for n, a in alphas.items() if a != alpha},
+    )
+    transformer.add_adapter(config, adapter_name=adapter_name)
+    dtype = next(transformer.parameters()).dtype
+    state = {}
+    for name, w in modules.items():
+        state[f"{name}.lora_A.weight"] = w.down.to(dtype)
+        state[f"{name}.lora_B.weight"] = w.up.to(dtype)
+    result = set_peft_model_state_dict(transformer, state, adapter_name=adapter_name)
+    if getattr(result, "unexpected_keys", None):
+        raise AdapterError(f"peft did not place {result.unexpected_keys[:5]} (adapter {adapter_name})")
+
+
+def load_adapter(
+    model: WanModel,
+    path: str | Path,
+    expert: str | None = None,
+    adapter_name: str | None = None,
+    ignore_unmatched: bool = False,
+) -> AdapterMeta | None:
+    """Load an adapter directory or LoRA file into the model's transformer(s).
+
+    Args:
+        expert: for Wan 2.2 A14B, the expert to load into (``high_noise`` / ``low_noise``); defaults to
+            the expert named in ``svi.json``, else both (a LoRA shared by the two experts).
+        ignore_unmatched: load what matches and skip keys that match no module, instead of refusing.
+
+    Returns:
+        The adapter's ``svi.json`` contents, or None for a bare file.
+    """
+    path = Path(path).expanduser()
+    spec = model.spec
+    meta = read_meta(path) if path.is_dir() else None
+    if meta is not None:
+        meta.check_base(spec, path)
+        if expert is not None and meta.expert is not None and expert != meta.expert:
+            raise AdapterError(f"adapter {path} is for the {meta.expert} expert, not {expert}")
+        expert = expert or meta.expert
+    if expert is not None and expert not in spec.experts:
+        raise AdapterError(f"{spec.id} has no expert {expert!r} (its experts: {', '.join(spec.experts)})")
+    file = _weights_file(path)
+    try:
+        state_dict = load_file(str(file))
+    except Exception as err:  # safetensors raises several types for a damaged file
+        raise AdapterError(f"cannot read LoRA file {file}: {err}") from None
+    modules, not_lora = parse_lora_state_dict(state_dict)
+    _alphas_from_config(path, modules)
+    indices = [spec.experts.index(expert)] if expert else range(len(spec.experts))
+    name = adapter_name or re.sub(r"\W", "_", path.stem if path.is_file() else path.name)
+    for i in indices:
+        transformer = model.transformers[i]
+        fitting, unmatched = _check_against(transformer, modules, not_lora, path, spec)
+        if unmatched and not ignore_unmatched:
+            shown = ", ".join(unmatched[:12]) + (f" (+{len(unmatched) - 12} more)" if len(unmatched) > 12 else "")
+            raise AdapterError(
+                f"{len(unmatched)} entries of {file} match no module of the {spec.id} transformer: {shown}. "
+                "Is it an adapter for another base? Set adapter.ignore_unmatched=true to load the rest anyway."
+            )
+        if not fitting:
+            raise AdapterError(f"{file} holds no LoRA weight for any module of {spec.id}")
+        _inject(transformer, fitting, name)
+    return meta
+
+
+def set_strength(model: WanModel, strength: float) -> None:
+    """Scale every loaded adapter (SVI's test-time ``lora_alpha``; keep 1.0 for SVI adapters)."""
+    for transformer in model.transformers:
+        names = list(getattr(transformer, "peft_config", {}) or {})
+        if names:
+            transformer.set_adapters(names, weights=[strength] * len(names))
+
+
+def save_adapter(
+    transformer: nn.Module, directory: str | Path, meta: AdapterMeta, adapter_name: str = "default"
+) -> Path:
+    """Write an adapter directory atomically (a temporary sibling directory renamed into place)."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        state = {
+            k: v.detach().contiguous().cpu()
+            for k, v in get_peft_model_state_dict(transformer, adapter_name=adapter_name).items()
+        }
+        save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        transformer.peft_config[adapter_name].save_pretrained(str(tmp))
+        record = {"format": META_FORMAT, "base": meta.base, "expert": meta.expert, "defaults": meta.defaults}
+        record["provenance"] = meta.provenance
+        (tmp / SVI_META).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            directory.rename(old)
+            tmp.rename(directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def lora_modules(transformer: nn.Module) -> list[str]:
+    """Names of the modules carrying a LoRA (for reports and tests)."""
+    return sorted({k.rsplit(".lora_A", 1)[0] for k, _ in transformer.named_parameters() if ".lora_A." in k})

@@ -1,0 +1,96 @@
+"""Building the image-to-video conditioning ``y`` (mask channels + conditioning latents), as pure functions.
+
+Tensors are channel-first video, ``[..., C, T, H, W]`` (a leading batch dimension is optional). Pixel
+frames are floats in [-1, 1]. Two ways to carry a clip into the next one:
+
+* **pixel** (SVI 1.0 / 2.0): the last ``m`` decoded frames become the first frames of a conditioning
+  video whose remaining frames are padding chosen by ``ref_pad_num``; the VAE encodes it.
+* **latent hand-off** (SVI 2.0 Pro): the anchor latent, then the previous clip's last latent(s), then
+  literal zero latents; no VAE round trip.
+
+In both, only latent frame 0 is marked in the mask, as SVI trains and samples (``ref_pad_cfg=False``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+MASK_CHANNELS = 4
+
+
+def check_frames_per_clip(num_frames: int, temporal_factor: int = 4) -> None:
+    """Wan clips are ``temporal_factor * k + 1`` frames long (the VAE keeps frame 0 on its own)."""
+    if num_frames < 1 or (num_frames - 1) % temporal_factor:
+        raise ValueError(f"frames_per_clip must be {temporal_factor}k+1 (e.g. 81, 49, 17), got {num_frames}")
+
+
+def conditioning_video(motion: Tensor, anchor: Tensor | None, num_frames: int, ref_pad_num: int) -> Tensor:
+    """The pixel conditioning video: ``m`` motion frames, then ``num_frames - m`` padding frames.
+
+    Args:
+        motion: ``[..., 3, m, H, W]`` frames the clip must continue from (m >= 1).
+        anchor: ``[..., 3, H, W]`` reference image; required when ``ref_pad_num != 0``.
+        num_frames: clip length in pixel frames.
+        ref_pad_num: ``0`` zero padding; ``-1`` the anchor repeated over all padding; ``N > 0`` the
+            anchor ``N`` times, then zeros.
+    """
+    m = motion.shape[-3]
+    if not 1 <= m < num_frames:
+        raise ValueError(f"need 1 <= motion frames < frames per clip, got {m} and {num_frames}")
+    if ref_pad_num < -1:
+        raise ValueError(f"ref_pad_num must be -1, 0 or a positive count, got {ref_pad_num}")
+    pad_count = num_frames - m
+    n_anchor = pad_count if ref_pad_num == -1 else min(ref_pad_num, pad_count)
+    pad = motion.new_zeros(*motion.shape[:-3], pad_count, *motion.shape[-2:])
+    if n_anchor:
+        if anchor is None:
+            raise ValueError(f"ref_pad_num={ref_pad_num} pads with the anchor image, but none was given")
+        pad[..., :n_anchor, :, :] = anchor.unsqueeze(-3).to(pad.dtype)
+    return torch.cat([motion, pad], dim=-3)
+
+
+def first_frames_mask(num_frames: int, height: int, width: int, marked: int = 1, temporal_factor: int = 4) -> Tensor:
+    """The ``[4, T_latent, h, w]`` mask of Wan I2V: pixel frames ``< marked`` are 1, the rest 0.
+
+    Pixel frame 0 is repeated ``temporal_factor`` times so that every latent frame covers 4 mask
+    channels (frame 0 alone fills latent 0).
+    """
+    check_frames_per_clip(num_frames, temporal_factor)
+    per_frame = torch.zeros(num_frames)
+    per_frame[:marked] = 1.0
+    per_frame = torch.cat([per_frame[:1].repeat(temporal_factor - 1), per_frame])
+    per_latent = per_frame.view(-1, temporal_factor).transpose(0, 1)  # [4, T_latent]
+    return per_latent[:, :, None, None].expand(-1, -1, height, width).contiguous()
+
+
+def with_mask(latent: Tensor, mask: Tensor) -> Tensor:
+    """``y = cat([mask, latent], channels)``; the mask is broadcast over a leading batch dimension."""
+    mask = mask.to(latent.dtype).expand(*latent.shape[:-4], *mask.shape)
+    return torch.cat([mask, latent], dim=-4)
+
+
+def latent_handoff(anchor_latent: Tensor, motion_latents: Tensor | None, num_latent_frames: int) -> Tensor:
+    """SVI 2.0 Pro conditioning: anchor latent, previous clip's last latent(s), then zero latents.
+
+    Args:
+        anchor_latent: ``[..., C, 1, h, w]`` VAE latent of the anchor image.
+        motion_latents: ``[..., C, n, h, w]`` final latents of the previous clip, or None for clip 0.
+        num_latent_frames: latent frames of the clip being generated.
+
+    Returns:
+        ``y`` of shape ``[..., 4 + C, T, h, w]`` with only latent 0 marked.
+    """
+    parts = [anchor_latent[..., :1, :, :]]
+    if motion_latents is not None:
+        parts.append(motion_latents.to(anchor_latent.dtype))
+    used = sum(p.shape[-3] for p in parts)
+    if used >= num_latent_frames:
+        raise ValueError(f"anchor + motion latents ({used}) must leave room in a {num_latent_frames}-latent clip")
+    shape = anchor_latent.shape
+    parts.append(anchor_latent.new_zeros(*shape[:-3], num_latent_frames - used, *shape[-2:]))
+    latent = torch.cat(parts, dim=-3)
+    h, w = shape[-2:]
+    mask = torch.zeros(MASK_CHANNELS, num_latent_frames, h, w)
+    mask[:, 0] = 1.0
+    return with_mask(latent, mask)

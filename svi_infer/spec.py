@@ -1,0 +1,151 @@
+"""Model specs: what each supported Wan base looks like, so every part of the project agrees on shapes.
+
+A spec is data only. Real weights come from a local diffusers-layout folder; every spec has a ``tiny``
+twin whose random-weight components are built in code (see :mod:`svi_infer.tiny`), for tests and the demo.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+WAN21_I2V = "wan2.1-i2v"
+WAN22_I2V_A14B = "wan2.2-i2v-a14b"
+WAN22_TI2V_5B = "wan2.2-ti2v-5b"
+FAMILIES = (WAN21_I2V, WAN22_I2V_A14B, WAN22_TI2V_5B)
+
+HIGH_NOISE = "high_noise"
+LOW_NOISE = "low_noise"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Shapes and defaults of one Wan image-to-video base model.
+
+    ``experts`` names the transformers in sampling order: one for Wan 2.1 and TI2V-5B, two for Wan 2.2
+    A14B (the high-noise expert runs while ``t >= boundary_ratio * 1000``).
+    """
+
+    id: str
+    family: str
+    dim: int
+    num_layers: int
+    num_heads: int
+    in_channels: int
+    latent_channels: int
+    text_dim: int
+    image_dim: int | None  # CLIP hidden size; None = no image encoder (Wan 2.2)
+    experts: tuple[str, ...] = ("main",)
+    boundary_ratio: float | None = None
+    vae_temporal: int = 4
+    vae_spatial: int = 8
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    text_len: int = 512
+    height: int = 480
+    width: int = 832
+    frames_per_clip: int = 81
+    fps: int = 16
+    steps: int = 50
+    shift: float = 5.0
+    cfg_scale: float = 5.0
+    tiny: bool = False
+
+    @property
+    def has_image_encoder(self) -> bool:
+        return self.image_dim is not None
+
+    @property
+    def conditioning_by_concat(self) -> bool:
+        """True where ``y`` (mask + conditioning latents) is concatenated to the DiT input channels."""
+        return self.in_channels == self.latent_channels + 4 + self.latent_channels
+
+    @property
+    def spatial_multiple(self) -> int:
+        """Height and width must be multiples of this (VAE factor x patch size)."""
+        return self.vae_spatial * self.patch_size[1]
+
+    def latent_frames(self, num_frames: int) -> int:
+        return (num_frames - 1) // self.vae_temporal + 1
+
+    def expert_for_timestep(self, t: float) -> int:
+        """Index into ``experts`` for timestep ``t`` (0..1000): the high-noise expert at or above the boundary."""
+        if len(self.experts) == 1 or self.boundary_ratio is None:
+            return 0
+        return 0 if t >= self.boundary_ratio * 1000.0 else 1
+
+
+_WAN14B = dict(dim=5120, num_layers=40, num_heads=40, text_dim=4096)
+_TINY = dict(dim=24, num_layers=2, num_heads=2, text_dim=32, tiny=True, height=48, width=80, steps=8)
+
+SPECS: dict[str, ModelSpec] = {
+    s.id: s
+    for s in (
+        ModelSpec("wan2.1-i2v-14b-480p", WAN21_I2V, in_channels=36, latent_channels=16, image_dim=1280, **_WAN14B),
+        ModelSpec(
+            "wan2.1-i2v-14b-720p",
+            WAN21_I2V,
+            in_channels=36,
+            latent_channels=16,
+            image_dim=1280,
+            height=720,
+            width=1280,
+            **_WAN14B,
+        ),
+        ModelSpec(
+            "wan2.2-i2v-a14b",
+            WAN22_I2V_A14B,
+            in_channels=36,
+            latent_channels=16,
+            image_dim=None,
+            experts=(HIGH_NOISE, LOW_NOISE),
+            boundary_ratio=0.875,
+            **_WAN14B,
+        ),
+        ModelSpec(
+            "wan2.2-ti2v-5b",
+            WAN22_TI2V_5B,
+            dim=3072,
+            num_layers=30,
+            num_heads=24,
+            text_dim=4096,
+            in_channels=48,
+            latent_channels=48,
+            image_dim=None,
+            vae_spatial=16,
+            height=704,
+            width=1280,
+            frames_per_clip=121,
+            fps=24,
+        ),
+        ModelSpec("tiny-wan2.1-i2v", WAN21_I2V, in_channels=36, latent_channels=16, image_dim=4, **_TINY),
+        ModelSpec(
+            "tiny-wan2.2-i2v-a14b",
+            WAN22_I2V_A14B,
+            in_channels=36,
+            latent_channels=16,
+            image_dim=None,
+            experts=(HIGH_NOISE, LOW_NOISE),
+            boundary_ratio=0.875,
+            **_TINY,
+        ),
+        ModelSpec(
+            "tiny-wan2.2-ti2v-5b",
+            WAN22_TI2V_5B,
+            in_channels=48,
+            latent_channels=48,
+            image_dim=None,
+            vae_spatial=16,
+            frames_per_clip=121,
+            fps=24,
+            **{**_TINY, "height": 64, "width": 96},
+        ),
+    )
+}
+
+
+def get_spec(spec_id: str) -> ModelSpec:
+    """Look a spec up by id, with a message listing the known ids."""
+    try:
+        return SPECS[spec_id]
+    except KeyError:
+        known = ", ".join(sorted(SPECS))
+        raise ValueError(f"unknown model spec {spec_id!r}; known specs: {known}") from None
