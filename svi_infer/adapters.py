@@ -109,6 +109,7 @@ class LoraWeights:
     down: Tensor | None = None
     up: Tensor | None = None
     alpha: float | None = None
+    keys: list[str] = field(default_factory=list)  # the file's own key names, for error messages
 
 
 def read_meta(path: str | Path) -> AdapterMeta | None:
@@ -162,12 +163,15 @@ def parse_lora_state_dict(state_dict: dict[str, Tensor]) -> tuple[dict[str, Lora
         bare = _strip_prefixes(key)
         if match := _LORA_KEY.match(bare):
             entry = modules.setdefault(diffusers_module_name(match.group("module")), LoraWeights())
+            entry.keys.append(key)
             if match.group("kind") in ("lora_A", "lora_down"):
                 entry.down = tensor
             else:
                 entry.up = tensor
         elif match := _ALPHA_KEY.match(bare):
-            modules.setdefault(diffusers_module_name(match.group("module")), LoraWeights()).alpha = float(tensor)
+            entry = modules.setdefault(diffusers_module_name(match.group("module")), LoraWeights())
+            entry.alpha = float(tensor)
+            entry.keys.append(key)
         else:
             not_lora.append(key)
     return modules, not_lora
@@ -200,7 +204,7 @@ def _check_against(
     for name, w in modules.items():
         module = targets.get(name)
         if not isinstance(module, nn.Linear):
-            unmatched.append(name)
+            unmatched.extend(w.keys)
             continue
         if w.down is None or w.up is None:
             raise AdapterError(f"adapter {source}: module {name} has only one of its two LoRA matrices")

@@ -12,7 +12,7 @@ from PIL import Image
 
 from svi_infer.adapters import AdapterError, load_adapter, read_meta, set_strength
 from svi_infer.generate import GenerationResult, GenerationSettings, LongVideoGenerator, ResumeMismatchError
-from svi_infer.model import ModelFolderError, build_model
+from svi_infer.model import ModelFolderError, OriginalFiles, build_model
 from svi_infer.prompts import PromptError, load_prompts
 from svi_infer.spec import HIGH_NOISE, LOW_NOISE, ModelSpec, get_spec
 from svi_infer.video_io import read_image
@@ -35,6 +35,7 @@ class Plan:
 
     spec: ModelSpec
     model_path: str | None
+    original: OriginalFiles
     device: torch.device
     dtype: torch.dtype
     settings: GenerationSettings
@@ -102,6 +103,9 @@ def plan(cfg: DictConfig) -> Plan:
     if OmegaConf.is_missing(cfg, "image") or OmegaConf.is_missing(cfg, "prompts"):
         raise ValueError("give image=<path to the first frame> and prompts=<.txt/.json file or a prompt>")
     device, dtype = _device_and_dtype(cfg.model.device, cfg.model.dtype)
+    original = OriginalFiles.from_paths(
+        cfg.model.get("transformer_files"), cfg.model.get("transformer_2_files"), cfg.model.get("vae_file")
+    )
     adapters = _adapters(cfg, spec)
     defaults: dict[str, Any] = {}
     for path, _ in reversed(adapters):  # the first adapter's defaults win
@@ -113,19 +117,20 @@ def plan(cfg: DictConfig) -> Plan:
     settings.validate(spec)
     prompts = load_prompts(OmegaConf.to_object(cfg.prompts) if OmegaConf.is_list(cfg.prompts) else cfg.prompts)
     image = read_image(cfg.image)
-    return Plan(spec, model_path, device, dtype, settings, adapters, image, prompts)
+    return Plan(spec, model_path, original, device, dtype, settings, adapters, image, prompts)
 
 
 def run(cfg: DictConfig) -> GenerationResult:
     """Plan, build the model, load adapters, generate."""
     p = plan(cfg)
-    model = build_model(p.spec, p.model_path, p.device, p.dtype)
+    model = build_model(p.spec, p.model_path, p.device, p.dtype, p.original)
     for path, expert in p.adapters:
         load_adapter(model, path, expert=expert, ignore_unmatched=cfg.adapter.ignore_unmatched)
     if p.adapters:
         set_strength(model, cfg.adapter.strength)
     provenance = {
         "model_path": p.model_path,
+        "original_files": [str(f) for f in (*p.original.transformer, *p.original.transformer_2, p.original.vae) if f],
         "adapters": [{"path": str(a), "expert": e} for a, e in p.adapters],
         "adapter_strength": cfg.adapter.strength,
         "image": str(cfg.image),

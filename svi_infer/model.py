@@ -6,7 +6,7 @@ and image encoders; sampling itself is ours (:mod:`svi_infer.sampler`), on SVI's
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,11 +21,48 @@ from torch import Tensor
 from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPVisionModel, UMT5EncoderModel
 
 from svi_infer import tiny
+from svi_infer.original_files import load_original_transformer, load_original_vae, original_transformer_files
 from svi_infer.spec import WAN22_TI2V_5B, ModelSpec
 
 
 class ModelFolderError(ValueError):
     """A model folder is missing components or holds a different model than the spec."""
+
+
+@dataclass(frozen=True)
+class OriginalFiles:
+    """Components to read from Wan's original files instead of the diffusers folder.
+
+    ``transformer`` / ``transformer_2``: DiT shards or the folder holding them (for Wan 2.2 A14B the
+    ``high_noise_model`` and ``low_noise_model`` folders); ``vae``: ``Wan2.1_VAE.pth`` or a safetensors copy.
+    """
+
+    transformer: tuple[Path, ...] = field(default_factory=tuple)
+    transformer_2: tuple[Path, ...] = field(default_factory=tuple)
+    vae: Path | None = None
+
+    @staticmethod
+    def from_paths(transformer=None, transformer_2=None, vae=None) -> OriginalFiles:
+        def shards(value) -> tuple[Path, ...]:
+            if not value:
+                return ()
+            paths = [Path(v).expanduser() for v in ([value] if isinstance(value, (str, Path)) else value)]
+            if len(paths) == 1 and paths[0].is_dir():
+                return tuple(original_transformer_files(paths[0]))
+            for p in paths:
+                if not p.is_file():
+                    raise FileNotFoundError(f"original Wan file {p} does not exist")
+            return tuple(paths)
+
+        vae_path = Path(vae).expanduser() if vae else None
+        if vae_path is not None and not vae_path.is_file():
+            raise FileNotFoundError(f"original Wan VAE file {vae_path} does not exist")
+        return OriginalFiles(shards(transformer), shards(transformer_2), vae_path)
+
+    def replaced(self) -> set[str]:
+        """Names of the diffusers sub-folders these files stand in for."""
+        names = {"transformer": self.transformer, "transformer_2": self.transformer_2, "vae": self.vae}
+        return {n for n, v in names.items() if v}
 
 
 @dataclass
@@ -147,21 +184,45 @@ def _check_transformer(spec: ModelSpec, transformer: WanTransformer3DModel, wher
         )
 
 
-def load_pipeline(spec: ModelSpec, path: str | Path, dtype: torch.dtype) -> WanImageToVideoPipeline:
-    """Load a diffusers-layout folder (e.g. ``Wan2.1-I2V-14B-480P-Diffusers``) and check it fits the spec."""
+def _original_components(
+    spec: ModelSpec, original: OriginalFiles, dtype: torch.dtype
+) -> dict[str, AutoencoderKLWan | WanTransformer3DModel]:
+    if spec.latent_channels != 16 and original.vae:
+        raise ModelFolderError(f"{spec.id}: only the Wan 2.1 VAE file layout can be read (diffusers has no converter)")
+    if original.transformer_2 and len(spec.experts) == 1:
+        raise ModelFolderError(f"{spec.id} has one transformer; model.transformer_2_files is for Wan 2.2 A14B")
+    out: dict[str, AutoencoderKLWan | WanTransformer3DModel] = {}
+    for name in ("transformer", "transformer_2"):
+        if getattr(original, name):
+            out[name] = load_original_transformer(list(getattr(original, name)), spec.transformer_config(), dtype)
+    if original.vae:
+        out["vae"] = load_original_vae(original.vae, {}, torch.float32)  # the Wan 2.1 VAE = diffusers' defaults
+    return out
+
+
+def load_pipeline(
+    spec: ModelSpec, path: str | Path, dtype: torch.dtype, original: OriginalFiles | None = None
+) -> WanImageToVideoPipeline:
+    """Load a diffusers-layout folder (e.g. ``Wan2.1-I2V-14B-480P-Diffusers``) and check it fits the spec.
+
+    Components given as original Wan files (``original``) are read from those files instead.
+    """
+    original = original or OriginalFiles()
+    replaced = _original_components(spec, original, dtype)
     root = Path(path).expanduser()
     if not root.is_dir():
         raise ModelFolderError(f"model folder {root} does not exist; give model.path=<folder with the weights>")
-    missing = [n for n in required_folders(spec) if not (root / n).is_dir()]
+    missing = [n for n in required_folders(spec) if n not in replaced and not (root / n).is_dir()]
     if missing:
         raise ModelFolderError(
             f"model folder {root} lacks {', '.join(missing)}: a {spec.id} folder in diffusers layout has "
             f"{', '.join(required_folders(spec))}"
         )
-    transformers = [WanTransformer3DModel.from_pretrained(root / "transformer", torch_dtype=dtype)]
-    if len(spec.experts) == 2:
-        transformers.append(WanTransformer3DModel.from_pretrained(root / "transformer_2", torch_dtype=dtype))
-    for name, transformer in zip(("transformer", "transformer_2"), transformers, strict=False):
+    names = ["transformer", "transformer_2"][: len(spec.experts)]
+    transformers = [
+        replaced.get(n) or WanTransformer3DModel.from_pretrained(root / n, torch_dtype=dtype) for n in names
+    ]
+    for name, transformer in zip(names, transformers, strict=True):
         _check_transformer(spec, transformer, root / name)
     image_encoder = image_processor = None
     if spec.has_image_encoder:
@@ -171,7 +232,7 @@ def load_pipeline(spec: ModelSpec, path: str | Path, dtype: torch.dtype) -> WanI
         spec,
         tokenizer=AutoTokenizer.from_pretrained(root / "tokenizer"),
         text_encoder=UMT5EncoderModel.from_pretrained(root / "text_encoder", torch_dtype=dtype),
-        vae=AutoencoderKLWan.from_pretrained(root / "vae", torch_dtype=torch.float32),
+        vae=replaced.get("vae") or AutoencoderKLWan.from_pretrained(root / "vae", torch_dtype=torch.float32),
         image_encoder=image_encoder,
         image_processor=image_processor,
         transformer=transformers[0],
@@ -184,9 +245,18 @@ def build_model(
     path: str | Path | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    original: OriginalFiles | None = None,
 ) -> WanModel:
-    """Tiny random components when ``path`` is None (tiny specs only), else the folder's weights."""
-    pipe = build_tiny_pipeline(spec) if path is None else load_pipeline(spec, path, dtype)
+    """Tiny random components when ``path`` is None (tiny specs only), else the folder's weights.
+
+    ``original`` names components to read from Wan's original files instead (with a tiny spec they replace
+    the random ones, which is how that path is tested).
+    """
+    if path is None:
+        pipe = build_tiny_pipeline(spec)
+        pipe.register_modules(**_original_components(spec, original or OriginalFiles(), dtype))
+    else:
+        pipe = load_pipeline(spec, path, dtype, original)
     device = torch.device(device)
     for module in (pipe.text_encoder, pipe.transformer, pipe.transformer_2, pipe.vae, pipe.image_encoder):
         if module is None:

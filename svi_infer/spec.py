@@ -34,6 +34,8 @@ class ModelSpec:
     latent_channels: int
     text_dim: int
     image_dim: int | None  # CLIP hidden size; None = no image encoder (Wan 2.2)
+    ffn_dim: int = 13824
+    freq_dim: int = 256
     experts: tuple[str, ...] = ("main",)
     boundary_ratio: float | None = None
     vae_temporal: int = 4
@@ -63,6 +65,25 @@ class ModelSpec:
         """Height and width must be multiples of this (VAE factor x patch size)."""
         return self.vae_spatial * self.patch_size[1]
 
+    def transformer_config(self) -> dict:
+        """diffusers ``WanTransformer3DModel`` config of this spec (what original Wan DiT files are loaded into)."""
+        return dict(
+            patch_size=self.patch_size,
+            num_attention_heads=self.num_heads,
+            attention_head_dim=self.dim // self.num_heads,
+            in_channels=self.in_channels,
+            out_channels=self.latent_channels,
+            text_dim=self.text_dim,
+            freq_dim=self.freq_dim,
+            ffn_dim=self.ffn_dim,
+            num_layers=self.num_layers,
+            qk_norm="rms_norm_across_heads",
+            cross_attn_norm=True,
+            eps=1e-6,
+            image_dim=self.image_dim,
+            added_kv_proj_dim=self.dim if self.has_image_encoder else None,
+        )
+
     def latent_frames(self, num_frames: int) -> int:
         return (num_frames - 1) // self.vae_temporal + 1
 
@@ -74,7 +95,9 @@ class ModelSpec:
 
 
 _WAN14B = dict(dim=5120, num_layers=40, num_heads=40, text_dim=4096)
-_TINY = dict(dim=24, num_layers=2, num_heads=2, text_dim=32, tiny=True, height=48, width=80, steps=8)
+_TINY = dict(
+    dim=24, num_layers=2, num_heads=2, text_dim=32, ffn_dim=32, freq_dim=32, tiny=True, height=48, width=80, steps=8
+)
 
 SPECS: dict[str, ModelSpec] = {
     s.id: s
@@ -107,6 +130,7 @@ SPECS: dict[str, ModelSpec] = {
             num_layers=30,
             num_heads=24,
             text_dim=4096,
+            ffn_dim=14336,
             in_channels=48,
             latent_channels=48,
             image_dim=None,

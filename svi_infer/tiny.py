@@ -34,24 +34,9 @@ def tiny_tokenizer() -> T5Tokenizer:
 
 
 def tiny_transformer(spec: ModelSpec, seed_offset: int = 0) -> WanTransformer3DModel:
-    head_dim = spec.dim // spec.num_heads
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED + 1 + seed_offset)
-        return WanTransformer3DModel(
-            patch_size=spec.patch_size,
-            num_attention_heads=spec.num_heads,
-            attention_head_dim=head_dim,
-            in_channels=spec.in_channels,
-            out_channels=spec.latent_channels,
-            text_dim=spec.text_dim,
-            freq_dim=32,
-            ffn_dim=32,
-            num_layers=spec.num_layers,
-            qk_norm="rms_norm_across_heads",
-            cross_attn_norm=True,
-            image_dim=spec.image_dim,
-            added_kv_proj_dim=spec.dim if spec.has_image_encoder else None,
-        ).eval()
+        return WanTransformer3DModel(**spec.transformer_config()).eval()
 
 
 def tiny_vae(spec: ModelSpec) -> AutoencoderKLWan:
