@@ -6,7 +6,7 @@ twin whose random-weight components are built in code (see :mod:`svi_infer.tiny`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 WAN21_I2V = "wan2.1-i2v"
 WAN22_I2V_A14B = "wan2.2-i2v-a14b"
@@ -94,76 +94,59 @@ class ModelSpec:
         return 0 if t >= self.boundary_ratio * 1000.0 else 1
 
 
-_WAN14B = dict(dim=5120, num_layers=40, num_heads=40, text_dim=4096)
-_TINY = dict(
-    dim=24, num_layers=2, num_heads=2, text_dim=32, ffn_dim=32, freq_dim=32, tiny=True, height=48, width=80, steps=8
+_WAN14B = dict(dim=5120, num_layers=40, num_heads=40, text_dim=4096, in_channels=36, latent_channels=16)
+_REAL = (
+    ModelSpec("wan2.1-i2v-14b-480p", WAN21_I2V, image_dim=1280, **_WAN14B),
+    ModelSpec("wan2.1-i2v-14b-720p", WAN21_I2V, image_dim=1280, height=720, width=1280, **_WAN14B),
+    ModelSpec(
+        "wan2.2-i2v-a14b",
+        WAN22_I2V_A14B,
+        image_dim=None,
+        experts=(HIGH_NOISE, LOW_NOISE),
+        boundary_ratio=0.875,  # SVI's switch_DiT_boundary (diffusers' default is 0.9)
+        **_WAN14B,
+    ),
+    ModelSpec(
+        "wan2.2-ti2v-5b",
+        WAN22_TI2V_5B,
+        dim=3072,
+        num_layers=30,
+        num_heads=24,
+        text_dim=4096,
+        ffn_dim=14336,
+        in_channels=48,
+        latent_channels=48,
+        image_dim=None,
+        vae_spatial=16,
+        height=704,
+        width=1280,
+        frames_per_clip=121,
+        fps=24,
+    ),
 )
 
-SPECS: dict[str, ModelSpec] = {
-    s.id: s
-    for s in (
-        ModelSpec("wan2.1-i2v-14b-480p", WAN21_I2V, in_channels=36, latent_channels=16, image_dim=1280, **_WAN14B),
-        ModelSpec(
-            "wan2.1-i2v-14b-720p",
-            WAN21_I2V,
-            in_channels=36,
-            latent_channels=16,
-            image_dim=1280,
-            height=720,
-            width=1280,
-            **_WAN14B,
-        ),
-        ModelSpec(
-            "wan2.2-i2v-a14b",
-            WAN22_I2V_A14B,
-            in_channels=36,
-            latent_channels=16,
-            image_dim=None,
-            experts=(HIGH_NOISE, LOW_NOISE),
-            boundary_ratio=0.875,
-            **_WAN14B,
-        ),
-        ModelSpec(
-            "wan2.2-ti2v-5b",
-            WAN22_TI2V_5B,
-            dim=3072,
-            num_layers=30,
-            num_heads=24,
-            text_dim=4096,
-            ffn_dim=14336,
-            in_channels=48,
-            latent_channels=48,
-            image_dim=None,
-            vae_spatial=16,
-            height=704,
-            width=1280,
-            frames_per_clip=121,
-            fps=24,
-        ),
-        ModelSpec("tiny-wan2.1-i2v", WAN21_I2V, in_channels=36, latent_channels=16, image_dim=4, **_TINY),
-        ModelSpec(
-            "tiny-wan2.2-i2v-a14b",
-            WAN22_I2V_A14B,
-            in_channels=36,
-            latent_channels=16,
-            image_dim=None,
-            experts=(HIGH_NOISE, LOW_NOISE),
-            boundary_ratio=0.875,
-            **_TINY,
-        ),
-        ModelSpec(
-            "tiny-wan2.2-ti2v-5b",
-            WAN22_TI2V_5B,
-            in_channels=48,
-            latent_channels=48,
-            image_dim=None,
-            vae_spatial=16,
-            frames_per_clip=121,
-            fps=24,
-            **{**_TINY, "height": 64, "width": 96},
-        ),
+
+def _tiny_twin(spec: ModelSpec) -> ModelSpec:
+    """Same family, channels, experts and VAE factors; a 2-layer, 24-wide DiT and a tiny default size."""
+    return replace(
+        spec,
+        id=f"tiny-{spec.family}",
+        dim=24,
+        num_layers=2,
+        num_heads=2,
+        text_dim=32,
+        ffn_dim=32,
+        freq_dim=32,
+        image_dim=4 if spec.has_image_encoder else None,
+        height=3 * spec.spatial_multiple,
+        width=5 * spec.spatial_multiple,
+        steps=8,
+        tiny=True,
     )
-}
+
+
+_TWINS = {spec.family: _tiny_twin(spec) for spec in reversed(_REAL)}  # 2.1's twin from the 480p spec
+SPECS: dict[str, ModelSpec] = {s.id: s for s in (*_REAL, *_TWINS.values())}
 
 
 def get_spec(spec_id: str) -> ModelSpec:

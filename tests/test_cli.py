@@ -86,6 +86,7 @@ def test_adapter_defaults_fill_what_the_user_did_not_give(tmp_path, image_file):
     assert (s.ref_pad_num, s.num_motion_frames, s.cfg_scale, s.fps) == (-1, 1, 5.0, 24)
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(tmp_path, image_file):
     prompts = tmp_path / "p.txt"
     prompts.write_text("# demo\na boat\nthe sea\n", encoding="utf-8")

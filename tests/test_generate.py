@@ -41,6 +41,7 @@ def test_three_clips_each_mode(tiny21, first_frame, tmp_path, mode):
     assert not parts_dir(result.video).exists()
 
 
+@pytest.mark.slow
 def test_wan22_two_experts_latent_handoff(tiny22, first_frame, tmp_path):
     result = _generate(tiny22, first_frame, tmp_path / "v.mp4", handoff="latent", steps=8)
     assert read_video(result.video).shape[0] == 13 + 2 * 8
@@ -72,6 +73,7 @@ def _interrupt_at(monkeypatch, clip):
     monkeypatch.setattr(LongVideoGenerator, "_clip", failing)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("handoff", ["pixel", "latent"])
 def test_resume_gives_the_same_video(tiny21, first_frame, tmp_path, monkeypatch, handoff):
     full = _generate(tiny21, first_frame, tmp_path / "full.mp4", handoff=handoff, num_motion_frames=1)
