@@ -1,1 +1,3 @@
-"""data_tools: from a folder of videos and captions to pre-encoded webdataset shards; arrives with the data issue."""
+"""data_tools: from a folder of videos and captions to pre-encoded webdataset shards."""
+
+import svi_infer  # noqa: F401  (first: installs its log filter before diffusers is imported)

@@ -12,7 +12,7 @@ from PIL import Image
 
 from svi_infer.adapters import AdapterError, load_adapter, read_meta, set_strength
 from svi_infer.generate import GenerationResult, GenerationSettings, LongVideoGenerator, ResumeMismatchError
-from svi_infer.model import ModelFolderError, OriginalFiles, build_model
+from svi_infer.model import ModelFolderError, OriginalFiles, build_model, resolve_device
 from svi_infer.prompts import PromptError, load_prompts
 from svi_infer.spec import HIGH_NOISE, LOW_NOISE, ModelSpec, get_spec
 from svi_infer.video_io import read_image
@@ -42,16 +42,6 @@ class Plan:
     adapters: list[tuple[Path, str | None]]  # (path, expert)
     image: Image.Image
     prompts: list[str]
-
-
-def _device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
-        raise ValueError(f"model.dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
-    return torch.device(device), getattr(torch, dtype)
 
 
 def _adapters(cfg: DictConfig, spec: ModelSpec) -> list[tuple[Path, str | None]]:
@@ -102,7 +92,7 @@ def plan(cfg: DictConfig) -> Plan:
         )
     if OmegaConf.is_missing(cfg, "image") or OmegaConf.is_missing(cfg, "prompts"):
         raise ValueError("give image=<path to the first frame> and prompts=<.txt/.json file or a prompt>")
-    device, dtype = _device_and_dtype(cfg.model.device, cfg.model.dtype)
+    device, dtype = resolve_device(cfg.model.device, cfg.model.dtype)
     original = OriginalFiles.from_paths(
         cfg.model.get("transformer_files"), cfg.model.get("transformer_2_files"), cfg.model.get("vae_file")
     )

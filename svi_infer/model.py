@@ -126,6 +126,17 @@ class WanModel:
         return video.float().clamp(-1.0, 1.0)
 
 
+def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    """``auto`` picks CUDA when present (bf16 there, fp32 on CPU)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    if not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise ValueError(f"model.dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    return torch.device(device), getattr(torch, dtype)
+
+
 def _transformers(pipe: WanImageToVideoPipeline) -> list[WanTransformer3DModel]:
     return [t for t in (pipe.transformer, pipe.transformer_2) if t is not None]
 

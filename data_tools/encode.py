@@ -1,0 +1,101 @@
+"""Pre-encoding windows with the svi_infer components, so training never runs the VAE or the encoders."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers.pipelines.wan.pipeline_wan_i2v import prompt_clean
+from PIL import Image
+
+from svi_infer.audio import features_for_frames
+from svi_infer.conditioning import conditioning_video
+from svi_infer.model import WanModel
+from svi_infer.schema import SCHEMA_VERSION, Sample
+from svi_infer.video_io import frames_to_tensor
+
+ANCHOR_MODES = ("outside", "in_clip", "first")
+
+
+@dataclass(frozen=True)
+class EncodeSettings:
+    """What the experiment's conditioning needs pre-encoded (reference/svi.md §2.3, §3)."""
+
+    frames_per_clip: int = 81
+    fps: float = 16.0
+    motion_frames: tuple[int, ...] = (1,)
+    ref_pad_num: int = -1
+    anchor: str = "outside"  # where the padding/anchor frame comes from when ref_pad_num != 0
+
+
+def choose_anchor(num_source_frames: int, window: tuple[int, ...], mode: str, rng: random.Random) -> int:
+    """Source frame index of the anchor image: outside the window when the video allows it (SVI 2.x), else a
+    random frame of the window (SVI 1.0), or the window's first frame."""
+    if mode not in ANCHOR_MODES:
+        raise ValueError(f"anchor must be one of {ANCHOR_MODES}, got {mode!r}")
+    if mode == "first":
+        return window[0]
+    if mode == "outside":
+        inside = set(range(min(window), max(window) + 1))
+        outside = [i for i in range(num_source_frames) if i not in inside]
+        if outside:
+            return rng.choice(outside)
+    return rng.choice(window)
+
+
+def text_length(model: WanModel, caption: str) -> int:
+    """Real token count of a caption as the pipeline encodes it (cleaned, with ``</s>``)."""
+    ids = model.pipe.tokenizer(prompt_clean(caption), truncation=True, max_length=model.spec.text_len).input_ids
+    return len(ids)
+
+
+@torch.no_grad()
+def encode_window(
+    model: WanModel,
+    settings: EncodeSettings,
+    key: str,
+    meta: dict,
+    frames: np.ndarray,
+    anchor: np.ndarray | None,
+    audio: tuple[torch.Tensor, float] | None = None,
+    pose: np.ndarray | None = None,
+) -> Sample:
+    """One window ``[F, H, W, 3]`` uint8 -> a schema sample (clean latents, conditioning latents per motion
+    count, text at its real length, CLIP for Wan 2.1, audio features and pose frames when given)."""
+    video = frames_to_tensor(frames)  # [3, F, H, W]
+    anchor_t = frames_to_tensor(anchor[None])[:, 0] if anchor is not None else None
+    videos = [video] + [
+        conditioning_video(video[:, :m], anchor_t, settings.frames_per_clip, settings.ref_pad_num)
+        for m in settings.motion_frames
+    ]
+    latents = model.encode_video(torch.stack(videos)).to(torch.bfloat16).cpu()
+    tensors = {"latents": latents[0]}
+    tensors |= {f"cond.m{m}": latents[i + 1] for i, m in enumerate(settings.motion_frames)}
+    n = text_length(model, meta["caption"])
+    tensors["text"] = model.encode_text([meta["caption"]])[0, :n].to(torch.bfloat16).cpu()
+    if model.spec.has_image_encoder:
+        tensors["image"] = model.encode_image(Image.fromarray(frames[0]))[0].to(torch.bfloat16).cpu()
+    if audio is not None:
+        feats, rate = audio
+        times = [(meta["start_frame"] + j) / settings.fps for j in range(settings.frames_per_clip)]
+        tensors["audio"] = features_for_frames(feats, rate, times).to(torch.bfloat16)
+    if pose is not None:
+        tensors["pose"] = torch.from_numpy(np.ascontiguousarray(pose)).permute(3, 0, 1, 2).contiguous()
+    h, w = frames.shape[1:3]
+    full_meta = {
+        **meta,
+        "schema_version": SCHEMA_VERSION,
+        "key": key,
+        "spec": model.spec.id,
+        "height": h,
+        "width": w,
+        "num_frames": settings.frames_per_clip,
+        "fps": settings.fps,
+        "latent_channels": model.spec.latent_channels,
+        "motion_frames": list(settings.motion_frames),
+        "ref_pad_num": settings.ref_pad_num,
+        "text_len": n,
+    }
+    return Sample(key, full_meta, tensors)

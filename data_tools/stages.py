@@ -1,0 +1,345 @@
+"""The stages of a data run: scan -> encode -> pack -> verify (and inspect), each resumable on its own.
+
+Layout of an output folder::
+
+    work/manifest.json          videos, captions and planned windows (scan)
+    work/samples/<key>.tar      one encoded sample (encode; a rerun skips those present)
+    work/samples/<key>.skip.json  why a window was skipped (kept, so reruns do not retry it)
+    shards/shard-000000.tar     webdataset shards (pack; rebuilt whole, byte-identical for the same samples)
+    index.json                  samples per shard, spec, resolutions, schema version
+    report.json                 what was skipped and why, with counts
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import shutil
+import tarfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import decord
+import numpy as np
+import webdataset as wds
+from tqdm.auto import tqdm
+
+from data_tools.encode import EncodeSettings, choose_anchor, encode_window
+from data_tools.report import Report
+from data_tools.scan import scan
+from data_tools.windows import choose_bucket, crop_box, crop_resize, plan_windows, read_frames
+from svi_infer.atomic import atomic_path, write_json
+from svi_infer.audio import AudioEncoder, AudioError, read_audio
+from svi_infer.model import WanModel
+from svi_infer.schema import SCHEMA_VERSION, SchemaError, from_members, to_members
+from svi_infer.video_io import tensor_to_frames
+
+MANIFEST_VERSION = 1
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Everything that decides which samples a run produces (beyond the model)."""
+
+    frames_per_clip: int = 81
+    fps: float = 16.0
+    stride: int = 81
+    short_videos: str = "skip"  # skip | pad
+    buckets: tuple[tuple[int, int], ...] = ((480, 832),)
+    crop: str = "center"  # center | random
+    motion_frames: tuple[int, ...] = (1,)
+    ref_pad_num: int = -1
+    anchor: str = "outside"
+    fallback_caption: str | None = None
+    audio: bool = False
+    pose: bool = False
+    seed: int = 0
+
+    def encode_settings(self) -> EncodeSettings:
+        return EncodeSettings(self.frames_per_clip, self.fps, self.motion_frames, self.ref_pad_num, self.anchor)
+
+
+def _paths(output: Path) -> dict[str, Path]:
+    return {
+        "manifest": output / "work" / "manifest.json",
+        "samples": output / "work" / "samples",
+        "shards": output / "shards",
+        "index": output / "index.json",
+        "report": output / "report.json",
+    }
+
+
+def _key_stem(source: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9_-]", "_", str(Path(source).with_suffix("")))[-48:]
+    return f"{stem}-{hashlib.sha1(source.encode()).hexdigest()[:8]}"
+
+
+def _rng(settings: DataSettings, key: str) -> random.Random:
+    return random.Random(f"{settings.seed}:{key}")
+
+
+# -- scan ------------------------------------------------------------------------------------------
+def run_scan(root: Path, output: Path, settings: DataSettings, report: Report) -> dict:
+    """Find videos and captions, probe each video, plan its windows; write ``work/manifest.json``."""
+    entries = scan(root, report, settings.fallback_caption, settings.audio, settings.pose)
+    videos = []
+    for entry in entries:
+        path = root / entry.source
+        if path.stat().st_size == 0:
+            report.skip(entry.source, "empty_file", "zero bytes")
+            continue
+        try:
+            reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
+            num, src_fps = len(reader), float(reader.get_avg_fps())
+            height, width = reader[0].shape[:2]
+        except Exception as err:  # decord raises its own error types for broken files
+            report.skip(entry.source, "unreadable", str(err).splitlines()[0][:200])
+            continue
+        windows = plan_windows(
+            num, src_fps, settings.fps, settings.frames_per_clip, settings.stride, settings.short_videos
+        )
+        if not windows:
+            seconds = num / src_fps if src_fps else 0.0
+            report.skip(
+                entry.source,
+                "too_short",
+                f"{seconds:.2f} s; a window is {settings.frames_per_clip} frames at {settings.fps} fps",
+            )
+            continue
+        stem = _key_stem(entry.source)
+        keys = [f"{stem}-w{w.index:04d}" for w in windows]
+        h, w = choose_bucket(width, height, list(settings.buckets))
+        videos.append(
+            {
+                **entry.to_dict(),
+                "source_frames": num,
+                "source_fps": src_fps,
+                "source_size": [width, height],
+                "bucket": [h, w],
+                "windows": [
+                    {
+                        "key": key,
+                        "index": win.index,
+                        "start": win.start,
+                        "source_indices": list(win.source_indices),
+                        "padded": win.padded,
+                        "prev_key": keys[i - 1] if i > 0 else None,
+                        "next_key": keys[i + 1] if i + 1 < len(keys) else None,
+                    }
+                    for i, (key, win) in enumerate(zip(keys, windows, strict=True))
+                ],
+            }
+        )
+    report.count("videos_scanned", len(entries))
+    report.count("windows_planned", sum(len(v["windows"]) for v in videos))
+    manifest = {"version": MANIFEST_VERSION, "root": str(root), "settings": asdict(settings), "videos": videos}
+    write_json(_paths(output)["manifest"], manifest)
+    return manifest
+
+
+def load_manifest(output: Path, settings: DataSettings) -> dict:
+    path = _paths(output)["manifest"]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: run the scan stage (or prepare) first")
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    if manifest["settings"] != json.loads(json.dumps(asdict(settings))):
+        raise ValueError(
+            f"{output} was prepared with other settings; use a new output folder or delete {output / 'work'}"
+        )
+    return manifest
+
+
+# -- encode ----------------------------------------------------------------------------------------
+def _write_sample(path: Path, members: dict) -> None:
+    with atomic_path(path) as tmp:
+        writer = wds.TarWriter(str(tmp), mtime=0, encoder=False)
+        writer.write(members)
+        writer.close()
+
+
+def read_sample_file(path: Path) -> dict:
+    """Members of a one-sample tar as webdataset yields them (``__key__`` and raw bytes)."""
+    members: dict = {}
+    with tarfile.open(path) as tar:
+        for info in tar.getmembers():
+            key, ext = info.name.split(".", 1)
+            members["__key__"] = key
+            members[ext] = tar.extractfile(info).read()
+    return members
+
+
+def run_encode(
+    manifest: dict, output: Path, settings: DataSettings, model: WanModel, report: Report,
+    audio_encoder: AudioEncoder | None = None, progress: bool = True,
+) -> None:  # fmt: skip
+    """Encode every planned window not encoded (or skipped) yet; each sample is written atomically."""
+    root, samples = Path(manifest["root"]), _paths(output)["samples"]
+    samples.mkdir(parents=True, exist_ok=True)
+    enc = settings.encode_settings()
+    total = sum(len(v["windows"]) for v in manifest["videos"])
+    bar = tqdm(total=total, desc="encode", unit="clip", disable=not progress)
+
+    def skip(key: str, source: str, reason: str, detail: str) -> None:
+        write_json(samples / f"{key}.skip.json", {"item": f"{source}#{key}", "reason": reason, "detail": detail})
+
+    for video in manifest["videos"]:
+        pending = [
+            w for w in video["windows"]
+            if not (samples / f"{w['key']}.tar").exists() and not (samples / f"{w['key']}.skip.json").exists()
+        ]  # fmt: skip
+        bar.update(len(video["windows"]) - len(pending))
+        if not pending:
+            continue
+        source = video["source"]
+        try:
+            reader = decord.VideoReader(str(root / source), ctx=decord.cpu(0))
+            pose_reader = decord.VideoReader(str(root / video["pose"]), ctx=decord.cpu(0)) if video["pose"] else None
+            audio = None
+            if video["audio"]:
+                audio_file = root / source if video["audio"] == "track" else Path(video["audio"])
+                audio = audio_encoder.features(read_audio(audio_file))
+        except AudioError as err:
+            for w in pending:
+                skip(w["key"], source, "no_audio", str(err))
+            bar.update(len(pending))
+            continue
+        except Exception as err:
+            for w in pending:
+                skip(w["key"], source, "unreadable", str(err).splitlines()[0][:200])
+            bar.update(len(pending))
+            continue
+        height, width = video["bucket"]
+        for w in pending:
+            key, rng = w["key"], _rng(settings, w["key"])
+            try:
+                box = crop_box(*video["source_size"], height, width, settings.crop, rng)
+                frames = crop_resize(read_frames(reader, tuple(w["source_indices"])), box, height, width)
+                anchor_idx = None
+                anchor = None
+                if settings.ref_pad_num != 0:
+                    anchor_idx = choose_anchor(video["source_frames"], tuple(w["source_indices"]), settings.anchor, rng)
+                    anchor = crop_resize(read_frames(reader, (anchor_idx,)), box, height, width)[0]
+                pose = None
+                if pose_reader is not None:
+                    pose = crop_resize(read_frames(pose_reader, tuple(w["source_indices"])), box, height, width)
+            except Exception as err:  # truncated or corrupt streams fail while decoding
+                skip(key, source, "truncated_or_corrupt", str(err).splitlines()[0][:200])
+                bar.update(1)
+                continue
+            meta = {
+                "caption": video["caption"],
+                "source": source,
+                "source_fps": video["source_fps"],
+                "start_frame": w["start"],
+                "window_index": w["index"],
+                "prev_key": w["prev_key"],
+                "next_key": w["next_key"],
+                "padded": w["padded"],
+                "crop": list(box),
+                "anchor_frame": anchor_idx,
+            }
+            try:
+                sample = encode_window(model, enc, key, meta, frames, anchor, audio, pose)
+                members = to_members(sample)
+            except SchemaError as err:
+                reason = "non_finite" if "non-finite" in str(err) else "invalid_sample"
+                skip(key, source, reason, str(err))
+                bar.update(1)
+                continue
+            _write_sample(samples / f"{key}.tar", members)
+            bar.update(1)
+    bar.close()
+
+
+def collect_skips(output: Path, report: Report) -> None:
+    """Fold the encode stage's skip markers into the report (sorted, so reports are stable)."""
+    for marker in sorted(_paths(output)["samples"].glob("*.skip.json")):
+        entry = json.loads(marker.read_text(encoding="utf-8"))
+        report.skip(entry["item"], entry["reason"], entry["detail"])
+
+
+# -- pack ------------------------------------------------------------------------------------------
+def run_pack(manifest: dict, output: Path, settings: DataSettings, spec_id: str, max_bytes: float) -> dict:
+    """Write all encoded samples, in manifest order, into size-capped shards plus ``index.json``."""
+    paths = _paths(output)
+    keys = [w["key"] for v in manifest["videos"] for w in v["windows"]]
+    files = [paths["samples"] / f"{k}.tar" for k in keys if (paths["samples"] / f"{k}.tar").exists()]
+    tmp = output / "shards.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shards: dict[str, int] = {}
+    resolutions = set()
+    if files:
+        writer = wds.ShardWriter(str(tmp / "shard-%06d.tar"), maxsize=max_bytes, verbose=0, mtime=0, encoder=False)
+        for file in files:
+            members = read_sample_file(file)
+            meta = json.loads(members["json"])
+            resolutions.add((meta["height"], meta["width"]))
+            writer.write(members)
+            name = Path(writer.fname).name
+            shards[name] = shards.get(name, 0) + 1
+        writer.close()
+    shutil.rmtree(paths["shards"], ignore_errors=True)
+    tmp.rename(paths["shards"])
+    index = {
+        "schema_version": SCHEMA_VERSION,
+        "spec": spec_id,
+        "resolutions": sorted([list(r) for r in resolutions]),
+        "frames_per_clip": settings.frames_per_clip,
+        "fps": settings.fps,
+        "motion_frames": list(settings.motion_frames),
+        "ref_pad_num": settings.ref_pad_num,
+        "samples": len(files),
+        "shards": [
+            {"name": n, "samples": c, "bytes": (paths["shards"] / n).stat().st_size} for n, c in sorted(shards.items())
+        ],
+    }
+    write_json(paths["index"], index)
+    return index
+
+
+# -- verify / inspect ------------------------------------------------------------------------------
+def shard_urls(output: Path) -> list[str]:
+    index = json.loads(_paths(output)["index"].read_text(encoding="utf-8"))
+    return [str(_paths(output)["shards"] / s["name"]) for s in index["shards"]]
+
+
+def run_verify(output: Path) -> tuple[int, list[str]]:
+    """Read every shard back, validate every sample against the schema and the index counts."""
+    index_path = _paths(output)["index"]
+    if not index_path.is_file():
+        raise FileNotFoundError(f"{index_path} does not exist: run pack (or prepare) first")
+    index = json.loads(index_path.read_text(encoding="utf-8"))
+    problems, seen = [], {}
+    for shard in index["shards"]:
+        url = str(_paths(output)["shards"] / shard["name"])
+        count = 0
+        for raw in wds.WebDataset(url, shardshuffle=False, empty_check=False):
+            count += 1
+            try:
+                from_members(raw)
+            except SchemaError as err:
+                problems.append(str(err))
+        seen[shard["name"]] = count
+        if count != shard["samples"]:
+            problems.append(f"{shard['name']}: {count} samples, index says {shard['samples']}")
+    return sum(seen.values()), problems
+
+
+def contact_sheet(model: WanModel, latents: list, columns: int = 4) -> np.ndarray:
+    """Decoded first frames of up to 16 samples in a grid (uint8 ``[H, W, 3]``)."""
+    tiles = [tensor_to_frames(model.decode_latents(lat[None, :, :1].float())[0])[0] for lat in latents[:16]]
+    h, w = tiles[0].shape[:2]
+    rows = (len(tiles) + columns - 1) // columns
+    sheet = np.zeros((rows * h, min(columns, len(tiles)) * w, 3), dtype=np.uint8)
+    for i, tile in enumerate(tiles):
+        if tile.shape[:2] == (h, w):
+            sheet[(i // columns) * h : (i // columns + 1) * h, (i % columns) * w : (i % columns + 1) * w] = tile
+    return sheet
+
+
+def read_shard(url: str) -> list:
+    """All samples of one shard, validated."""
+    return [from_members(raw) for raw in wds.WebDataset(url, shardshuffle=False, empty_check=False)]

@@ -1,0 +1,92 @@
+"""Cutting videos into fixed-length training windows at a target fps, and cropping them to a bucket."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Window:
+    """``frames_per_clip`` frames of one video: the source frame shown at each target-fps frame time."""
+
+    index: int
+    start: int  # first frame, counted at the target fps
+    source_indices: tuple[int, ...]
+    padded: bool = False
+
+
+def resample_indices(num_source_frames: int, source_fps: float, fps: float) -> list[int]:
+    """Source frame on screen at each target-fps frame time ``j / fps``, over the whole video."""
+    if num_source_frames < 1 or source_fps <= 0 or fps <= 0:
+        return []
+    count = math.ceil(num_source_frames * fps / source_fps - 1e-9)
+    return [min(int(math.floor(j * source_fps / fps + 1e-9)), num_source_frames - 1) for j in range(count)]
+
+
+def plan_windows(
+    num_source_frames: int, source_fps: float, fps: float, frames_per_clip: int, stride: int, short: str = "skip"
+) -> list[Window]:
+    """Windows starting every ``stride`` target frames; a too-short video gives none, or one padded window
+    (its last frame repeated) when ``short == "pad"``."""
+    indices = resample_indices(num_source_frames, source_fps, fps)
+    if len(indices) < frames_per_clip:
+        if short != "pad" or not indices:
+            return []
+        padded = indices + [indices[-1]] * (frames_per_clip - len(indices))
+        return [Window(0, 0, tuple(padded), padded=True)]
+    starts = range(0, len(indices) - frames_per_clip + 1, stride)
+    return [Window(i, s, tuple(indices[s : s + frames_per_clip])) for i, s in enumerate(starts)]
+
+
+def choose_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The ``(height, width)`` bucket whose aspect ratio is closest to the video's (in log space)."""
+    aspect = math.log(width / height)
+    return min(buckets, key=lambda hw: abs(math.log(hw[1] / hw[0]) - aspect))
+
+
+def crop_box(
+    width: int, height: int, target_h: int, target_w: int, mode: str, rng: random.Random
+) -> tuple[int, int, int, int]:
+    """``(x, y, w, h)`` of an aspect-preserving crop with the target's aspect ratio.
+
+    ``center``: the largest such crop, centred. ``random`` (as SVI trains): its limiting side is drawn from
+    ``[side - side / 14, side]`` and it is placed uniformly at random.
+    """
+    aspect = target_w / target_h
+    if width / height > aspect:
+        ch, cw = height, min(width, round(height * aspect))
+    else:
+        cw, ch = width, min(height, round(width / aspect))
+    if mode == "center":
+        return (width - cw) // 2, (height - ch) // 2, cw, ch
+    if mode != "random":
+        raise ValueError(f"crop must be 'center' or 'random', got {mode!r}")
+    scale = rng.uniform(1.0 - 1.0 / 14.0, 1.0)
+    cw, ch = max(1, round(cw * scale)), max(1, round(ch * scale))
+    return rng.randint(0, width - cw), rng.randint(0, height - ch), cw, ch
+
+
+def crop_resize(frames: np.ndarray, box: tuple[int, int, int, int], height: int, width: int) -> np.ndarray:
+    """Crop ``[T, H, W, 3]`` uint8 frames to ``box`` and resize (bilinear, antialiased) to ``height x width``."""
+    x, y, w, h = box
+    clip = torch.from_numpy(np.ascontiguousarray(frames[:, y : y + h, x : x + w])).permute(0, 3, 1, 2).float()
+    if (h, w) != (height, width):
+        clip = F.interpolate(clip, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+    return clip.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def read_frames(reader, source_indices: tuple[int, ...]) -> np.ndarray:
+    """``[len(source_indices), H, W, 3]`` uint8 frames from a decord reader (each distinct frame decoded once)."""
+    unique = sorted(set(source_indices))
+    try:
+        batch = reader.get_batch(unique).asnumpy()
+    except Exception:  # decord2 returns 4 channels for some widths (e.g. 96) and its batch copy then fails
+        batch = np.stack([reader[i].asnumpy() for i in unique])
+    position = {idx: i for i, idx in enumerate(unique)}
+    return batch[[position[i] for i in source_indices]][..., :3]

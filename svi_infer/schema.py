@@ -1,0 +1,154 @@
+"""The shard sample contract between data_tools (writer) and svi_train (reader), validated on both sides.
+
+A sample is a JSON metadata member plus safetensors members (never pickle):
+
+=====================  ==========================================================================
+member                 tensors
+=====================  ==========================================================================
+``latents``            ``latents`` [C, T, h, w] clean video latents (normalised), bf16
+``cond``               ``cond.m<m>`` [C, T, h, w] latents of the conditioning video for m motion frames
+``text``               ``text`` [L, D] UMT5 embedding at its real length L (padded to 512 on load)
+``image``              ``image`` [257, 1280] CLIP embedding of the first frame (Wan 2.1 only)
+``audio``              ``audio`` [F, layers, dim] wav2vec2 features per video frame (Talk)
+``pose``               ``pose`` [3, F, H, W] uint8 pose frames (Dance)
+=====================  ==========================================================================
+
+In the tar, members are named ``<key>.<member>.safetensors`` and ``<key>.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import Tensor
+
+SCHEMA_VERSION = 1
+TEXT_LEN = 512
+MEMBERS = ("latents", "cond", "text", "image", "audio", "pose")
+KEY_PATTERN = re.compile(r"^[A-Za-z0-9_\-]+$")  # no dots: webdataset splits member names at the first dot
+_META_TYPES: dict[str, type | tuple[type, ...]] = {
+    "schema_version": int,
+    "key": str,
+    "caption": str,
+    "source": str,
+    "source_fps": (int, float),
+    "fps": (int, float),
+    "start_frame": int,
+    "num_frames": int,
+    "window_index": int,
+    "spec": str,
+    "height": int,
+    "width": int,
+    "latent_channels": int,
+    "motion_frames": list,
+    "ref_pad_num": int,
+    "text_len": int,
+}
+
+
+class SchemaError(ValueError):
+    """A sample breaks the shard contract; the message lists every problem."""
+
+
+@dataclass
+class Sample:
+    key: str
+    meta: dict[str, Any]
+    tensors: dict[str, Tensor] = field(default_factory=dict)
+
+
+def _member_of(name: str) -> str:
+    return name.split(".", 1)[0]
+
+
+def validate(sample: Sample, temporal: int = 4, spatial: int = 8) -> None:
+    """Check metadata fields and types, tensor presence, shapes, dtypes and finiteness."""
+    meta, t = sample.meta, sample.tensors
+    problems = []
+    for name, kind in _META_TYPES.items():
+        if name not in meta:
+            problems.append(f"metadata lacks {name!r}")
+        elif not isinstance(meta[name], kind) or isinstance(meta[name], bool):
+            problems.append(f"metadata {name!r} has type {type(meta[name]).__name__}")
+    if problems:
+        raise SchemaError(f"sample {sample.key}: " + "; ".join(problems))
+    if meta["schema_version"] != SCHEMA_VERSION:
+        problems.append(f"schema_version {meta['schema_version']} (this code reads {SCHEMA_VERSION})")
+    if meta["key"] != sample.key or not KEY_PATTERN.match(sample.key):
+        problems.append(f"key {sample.key!r} must match the metadata and use letters, digits, '_' and '-' only")
+    unknown = sorted(n for n in t if _member_of(n) not in MEMBERS)
+    if unknown:
+        problems.append(f"unknown tensors {unknown}")
+    expected = (
+        meta["latent_channels"],
+        (meta["num_frames"] - 1) // temporal + 1,
+        meta["height"] // spatial,
+        meta["width"] // spatial,
+    )
+    if "latents" not in t:
+        problems.append("no 'latents' tensor")
+    elif tuple(t["latents"].shape) != expected:
+        problems.append(f"latents shape {tuple(t['latents'].shape)}, expected {expected}")
+    for m in meta["motion_frames"]:
+        cond = t.get(f"cond.m{m}")
+        if cond is None:
+            problems.append(f"no conditioning latents 'cond.m{m}'")
+        elif tuple(cond.shape) != expected:
+            problems.append(f"cond.m{m} shape {tuple(cond.shape)}, expected {expected}")
+    text = t.get("text")
+    if text is None or text.ndim != 2 or text.shape[0] != meta["text_len"] or not 0 < text.shape[0] <= TEXT_LEN:
+        problems.append(f"text must be [text_len={meta['text_len']} (1..{TEXT_LEN}), D]")
+    if "audio" in t and (t["audio"].ndim != 3 or t["audio"].shape[0] != meta["num_frames"]):
+        problems.append(f"audio must be [num_frames={meta['num_frames']}, layers, dim]")
+    if "pose" in t:
+        want = (3, meta["num_frames"], meta["height"], meta["width"])
+        if tuple(t["pose"].shape) != want or t["pose"].dtype != torch.uint8:
+            problems.append(f"pose must be uint8 {want}")
+    for name, tensor in t.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            problems.append(f"{name} has non-finite values")
+    if problems:
+        raise SchemaError(f"sample {sample.key}: " + "; ".join(problems))
+
+
+def to_members(sample: Sample) -> dict[str, bytes | str]:
+    """Validated sample -> webdataset members (``__key__``, ``json``, ``<member>.safetensors``)."""
+    validate(sample)
+    members: dict[str, bytes | str] = {"__key__": sample.key}
+    members["json"] = json.dumps(sample.meta, sort_keys=True).encode("utf-8")
+    for member in MEMBERS:
+        group = {k: v.contiguous() for k, v in sorted(sample.tensors.items()) if _member_of(k) == member}
+        if group:
+            members[f"{member}.safetensors"] = save_safetensors(group)
+    return members
+
+
+def from_members(members: dict[str, Any]) -> Sample:
+    """webdataset members (raw bytes) -> validated sample."""
+    try:
+        meta = json.loads(members["json"])
+        tensors: dict[str, Tensor] = {}
+        for name, data in members.items():
+            if name.endswith(".safetensors"):
+                tensors.update(load_safetensors(data))
+    except (KeyError, ValueError, json.JSONDecodeError) as err:
+        raise SchemaError(f"sample {members.get('__key__')}: unreadable members ({err})") from None
+    sample = Sample(str(members.get("__key__", meta.get("key"))), meta, tensors)
+    validate(sample)
+    return sample
+
+
+def padded_text(text: Tensor, length: int = TEXT_LEN) -> Tensor:
+    """``[L, D]`` -> ``[length, D]`` with zeros after the real tokens (what Wan 2.1 I2V expects)."""
+    return torch.cat([text, text.new_zeros(length - text.shape[0], text.shape[1])])
+
+
+def approx_bytes(sample: Sample) -> int:
+    """Payload size of a sample's tensors, for shard size caps."""
+    return sum(t.numel() * t.element_size() for t in sample.tensors.values()) + 1024
