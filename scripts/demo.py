@@ -46,8 +46,17 @@ def run(cmd: list[str]) -> None:
 def main() -> None:
     clips = make_dataset(OUT / "clips", num_clips=4, fps=16, size=(160, 96), seconds=6.0)
     shards = OUT / "dataset"
-    run([sys.executable, "-m", "data_tools", "prepare", f"input={OUT / 'clips'}", f"output={shards}"]
-        + ["model=tiny_wan21_i2v", "frames_per_clip=33", "motion_frames=[1,5]", "ref_pad_num=0", "progress=false"])  # fmt: skip
+    prepare = [sys.executable, "-m", "data_tools", "prepare", f"input={OUT / 'clips'}", f"output={shards}"]
+    run(
+        [
+            *prepare,
+            "model=tiny_wan21_i2v",
+            "frames_per_clip=33",
+            "motion_frames=[1,5]",
+            "ref_pad_num=0",
+            "progress=false",
+        ]
+    )
     image, prompts = write_inputs()
     video = OUT / "film_tiny.mp4"
     cmd = [sys.executable, "-m", "svi_infer", "model=tiny_wan21_i2v", "+experiment=film", f"image={image}"]
