@@ -175,3 +175,21 @@ def test_reading_checks_too():
         from_members(members)
     with pytest.raises(SchemaError, match="unreadable"):
         from_members({"__key__": "x", "json": b"{"})
+
+
+def test_audio_encoder_from_a_local_folder_matches(tmp_path):
+    import numpy as np
+
+    from svi_infer.audio import AudioEncoder, features_for_frames
+
+    tiny = AudioEncoder.tiny()
+    tiny.model.save_pretrained(tmp_path / "w2v")
+    tiny.extractor.save_pretrained(tmp_path / "w2v")
+    loaded = AudioEncoder.from_pretrained(tmp_path / "w2v")
+    wave = np.sin(np.arange(16000) / 7.0).astype(np.float32)
+    (a, rate), (b, _) = tiny.features(wave), loaded.features(wave)
+    assert torch.equal(a, b) and a.shape == (49, 2, 16) and rate == 49.0
+    picked = features_for_frames(a, rate, [0.0, 0.5, 10.0])
+    assert torch.equal(picked[0], a[0]) and torch.equal(picked[1], a[24]) and torch.equal(picked[2], a[-1])
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        AudioEncoder.from_pretrained(tmp_path)
