@@ -142,6 +142,19 @@ def _strip_prefixes(key: str) -> str:
     return key
 
 
+def original_module_name(name: str) -> str:
+    """Map a diffusers module name back to Wan's original layout (for ComfyUI files); others pass through."""
+    for original, diffusers in _TOP_NAMES.items():
+        if name == diffusers:
+            return original
+    match = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
+    if match:
+        for original, diffusers in _BLOCK_NAMES.items():
+            if match.group(2) == diffusers:
+                return f"blocks.{match.group(1)}.{original}"
+    return name
+
+
 def diffusers_module_name(name: str) -> str:
     """Map a module name in Wan's original layout to diffusers' (diffusers names pass through)."""
     if name in _TOP_NAMES:

@@ -82,6 +82,14 @@ class WanModel:
     def vae(self) -> AutoencoderKLWan:
         return self.pipe.vae
 
+    def to(self, device: str | torch.device) -> WanModel:
+        """Move every component (e.g. the encoders, for previews on the training GPU)."""
+        self.device = torch.device(device)
+        for module in (self.pipe.text_encoder, self.pipe.vae, self.pipe.image_encoder, *self.transformers):
+            if module is not None:
+                module.to(self.device)
+        return self
+
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> Tensor:
         """UMT5 embeddings ``[B, 512, D]``, zero after each prompt's real length (as Wan 2.1 I2V needs)."""

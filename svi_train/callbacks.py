@@ -1,0 +1,90 @@
+"""Callbacks: export inference-ready adapter directories, and render rollout previews while training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
+from PIL import Image
+
+from svi_infer.adapters import save_adapter
+from svi_infer.generate import GenerationSettings, LongVideoGenerator
+from svi_infer.video_io import tensor_to_frames
+
+
+class AdapterExport(L.Callback):
+    """Every ``every_n_steps`` optimiser steps and at the end, write ``<dirpath>/step_XXXXXX`` and
+    ``<dirpath>/final``: adapter directories svi_infer loads as they are."""
+
+    def __init__(self, dirpath: str | Path, every_n_steps: int) -> None:
+        self.dirpath = Path(dirpath)
+        self.every_n_steps = every_n_steps
+        self.last: Path | None = None
+
+    @rank_zero_only
+    def _export(self, module, name: str) -> None:
+        self.last = save_adapter(module.transformer, self.dirpath / name, module.adapter_meta(), module.ADAPTER)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step % self.every_n_steps == 0 and step > 0:
+            self._export(module, f"step_{step:06d}")
+
+    def on_train_end(self, trainer, module) -> None:
+        self._export(module, "final")
+
+
+class RolloutPreview(L.Callback):
+    """Every ``every_n_steps``: generate K chained clips with the current adapter on a fixed image and prompt
+    stream (the same loop as svi_infer), save the mp4 under the run folder and log it to wandb."""
+
+    def __init__(
+        self,
+        dirpath: str | Path,
+        every_n_steps: int,
+        settings: GenerationSettings,
+        prompts: list[str],
+        image: str | None,
+    ) -> None:
+        self.dirpath = Path(dirpath)
+        self.every_n_steps = every_n_steps
+        self.settings = settings
+        self.prompts = prompts
+        self.image_path = image
+        self.image: Image.Image | None = None
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if self.image is None:
+            self.image = (
+                Image.open(self.image_path).convert("RGB") if self.image_path else self._first_frame(module, batch)
+            )
+        step = trainer.global_step
+        if self.every_n_steps and step % self.every_n_steps == 0 and step > 0:
+            self._preview(trainer, module, step)
+
+    @staticmethod
+    def _first_frame(module, batch) -> Image.Image:
+        frame = module.model.decode_latents(batch["latents"][:1, :, :1].float())[0]
+        return Image.fromarray(tensor_to_frames(frame)[0])
+
+    @rank_zero_only
+    def _preview(self, trainer, module, step: int) -> None:
+        was_training = module.transformer.training
+        module.transformer.eval()
+        if module.model.device != module.device:
+            module.model.to(module.device)  # the encoders join the DiT on the training device
+        try:
+            generator = LongVideoGenerator(module.model, self.settings, {"preview_step": step})
+            result = generator.generate(
+                self.image, self.prompts, self.dirpath / f"step_{step:06d}.mp4", resume=False, progress=False
+            )
+        finally:
+            module.transformer.train(was_training)
+        for logger in trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "log") and type(logger).__name__ == "WandbLogger":
+                import wandb
+
+                experiment.log({"preview/rollout": wandb.Video(str(result.video), format="mp4")}, step=step)
+        module.log("preview/frames", float(result.frames), rank_zero_only=True)

@@ -1,0 +1,87 @@
+"""Typed schemas for the training config groups, registered with Hydra so a typo or a wrong type fails when
+the config is composed, not hours into a run. The classes are plain dataclasses; only this module knows Hydra.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from svi_train.data import DataConfig
+from svi_train.recycling import RecyclingConfig
+
+SVI_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2")  # SVI's q,k,v,o,ffn.0,ffn.2
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """PEFT LoRA on the DiT (SVI: r = alpha = 128 on self/cross-attention q, k, v, o and both FFN layers)."""
+
+    rank: int = 128
+    alpha: float = 128.0
+    target_modules: tuple[str, ...] = SVI_TARGETS
+    init: str = "kaiming"  # peft's default init (A kaiming-uniform, B zero); "gaussian" also works
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    timesteps: str = "shifted_uniform"  # SVI's table with its bell-shaped loss weight | logit_normal
+    gradient_checkpointing: bool = False
+
+
+@dataclass(frozen=True)
+class TrainerSettings:
+    """The Lightning Trainer arguments this project sets (anything else keeps Lightning's default)."""
+
+    accelerator: str = "auto"
+    devices: str = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"  # "bf16-mixed" on GPUs
+    max_steps: int = 1000
+    gradient_clip_val: float = 1.0
+    accumulate_grad_batches: int = 1
+    log_every_n_steps: int = 10
+    enable_progress_bar: bool = True
+    checkpoint_every_n_steps: int = 100
+
+
+@dataclass(frozen=True)
+class LoggerSettings:
+    kind: str = "wandb"  # wandb | csv | none
+    project: str = "svi"
+    offline: bool | None = None  # None: offline unless WANDB_API_KEY is set
+
+
+@dataclass(frozen=True)
+class CallbackSettings:
+    export_every_n_steps: int = 100
+    preview_every_n_steps: int = 0  # 0 = no rollout preview
+    preview_image: str | None = None  # None: the first frame of the first training sample
+    preview_prompts: tuple[str, ...] = ("a video",)
+    preview_clips: int = 3
+    preview_frames: int | None = None  # None: the training clip length
+    preview_steps: int | None = None  # None: the model's default
+    save_banks: bool = True  # error banks in checkpoints: exact resume, at the cost of their size
+
+
+def register() -> None:
+    """Make the schemas available as ``<group>/schema`` for the YAML files to extend."""
+    cs = ConfigStore.instance()
+    for group, node in (
+        ("lora", LoraSettings),
+        ("recycling", RecyclingConfig),
+        ("data", DataConfig),
+        ("trainer", TrainerSettings),
+        ("logger", LoggerSettings),
+        ("callbacks", CallbackSettings),
+        ("optim", OptimSettings),
+    ):
+        schema = OmegaConf.structured(node)
+        OmegaConf.set_readonly(schema, False)  # frozen in code, but YAML files and overrides must set fields
+        cs.store(group=group, name="schema", node=schema)

@@ -1,0 +1,146 @@
+"""Streaming pre-encoded shards (data_tools' output) into training batches with webdataset.
+
+Every sample is validated against the shard schema on read; a bad one is skipped and counted, never fatal.
+Samples are bucketed by resolution so a batch never mixes shapes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+import webdataset as wds
+from torch import Tensor
+
+from svi_infer.schema import SchemaError, from_members, padded_text
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the shards are and how they stream."""
+
+    path: str = "???"  # a data_tools output folder (with index.json and shards/)
+    batch_size: int = 1
+    num_workers: int = 0
+    shuffle_buffer: int = 64
+    resampled: bool = False  # endless sampling with replacement (multi-node); else epochs over the shards
+    motion_frames: tuple[int, ...] = (1,)  # conditioning variants to draw from (must be in the shards)
+    p_more_motion: float = 0.9  # with several: the largest count with this probability, else the smallest
+
+
+def read_index(path: str | Path) -> dict:
+    index_path = Path(path).expanduser() / "index.json"
+    if not index_path.is_file():
+        raise FileNotFoundError(f"{index_path} does not exist: prepare shards with `python -m data_tools prepare`")
+    return json.loads(index_path.read_text(encoding="utf-8"))
+
+
+class _Validated:
+    """Decode + validate raw members; count and drop bad samples (the count rides along in each sample)."""
+
+    def __init__(self) -> None:
+        self.skipped = 0
+
+    def __call__(self, source: Iterator[dict]) -> Iterator[dict]:
+        for raw in source:
+            try:
+                sample = from_members(raw)
+            except SchemaError:
+                self.skipped += 1
+                continue
+            t = sample.tensors
+            yield {
+                "key": sample.key,
+                "latents": t["latents"],
+                "cond": {int(k.removeprefix("cond.m")): v for k, v in t.items() if k.startswith("cond.m")},
+                "text": padded_text(t["text"]),
+                "image": t.get("image"),
+                "num_frames": sample.meta["num_frames"],
+                "data_skipped": self.skipped,
+            }
+
+
+def _bucketed(batch_size: int):
+    """Group samples of equal latent shape into batches (a partial bucket is dropped at the end)."""
+
+    def stage(source: Iterator[dict]) -> Iterator[dict]:
+        buckets: dict[tuple, list[dict]] = {}
+        for sample in source:
+            bucket = buckets.setdefault(tuple(sample["latents"].shape), [])
+            bucket.append(sample)
+            if len(bucket) == batch_size:
+                yield collate(bucket)
+                bucket.clear()
+
+    return stage
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack tensors; conditioning variants present in every sample are kept."""
+    counts = sorted(set.intersection(*(set(s["cond"]) for s in samples)))
+    batch = {
+        "key": [s["key"] for s in samples],
+        "latents": torch.stack([s["latents"] for s in samples]),
+        "cond": {m: torch.stack([s["cond"][m] for s in samples]) for m in counts},
+        "text": torch.stack([s["text"] for s in samples]),
+        "image": torch.stack([s["image"] for s in samples]) if samples[0]["image"] is not None else None,
+        "num_frames": samples[0]["num_frames"],
+        "data_skipped": max(s["data_skipped"] for s in samples),
+    }
+    return batch
+
+
+class WdsDataModule(L.LightningDataModule):
+    """Streams ``<path>/shards/*.tar`` (split by node and worker) into bucketed batches."""
+
+    def __init__(self, config: DataConfig, seed: int = 0) -> None:
+        super().__init__()
+        self.config = config
+        self.seed = seed
+
+    def urls(self) -> list[str]:
+        index = read_index(self.config.path)
+        if not index["shards"]:
+            raise ValueError(f"{self.config.path} holds no shard (index.json lists none)")
+        missing = sorted(set(self.config.motion_frames) - set(index["motion_frames"]))
+        if missing:
+            raise ValueError(
+                f"the shards in {self.config.path} hold conditioning for motion frames {index['motion_frames']}, "
+                f"not {missing}: prepare them with motion_frames={sorted(set(index['motion_frames']) | set(missing))}"
+            )
+        return [str(Path(self.config.path).expanduser() / "shards" / s["name"]) for s in index["shards"]]
+
+    def pipeline(self) -> wds.DataPipeline:
+        c = self.config
+        urls = self.urls()
+        shards = (
+            [wds.ResampledShards(urls, seed=self.seed)]
+            if c.resampled
+            else [wds.SimpleShardList(urls), wds.split_by_node]
+        )
+        return wds.DataPipeline(
+            *shards,
+            wds.split_by_worker,
+            wds.tarfile_to_samples(handler=wds.warn_and_continue),
+            wds.shuffle(c.shuffle_buffer, seed=self.seed) if c.shuffle_buffer > 1 else (lambda s: s),
+            _Validated(),
+            _bucketed(c.batch_size),
+        )
+
+    def train_dataloader(self) -> wds.WebLoader:
+        return wds.WebLoader(self.pipeline(), batch_size=None, num_workers=self.config.num_workers)
+
+
+def choose_cond(
+    cond: dict[int, Tensor], motion_frames: tuple[int, ...], p_more: float, generator
+) -> tuple[int, Tensor]:
+    """Pick the conditioning variant for a step (Film: 5 motion frames with p=0.9, else 1)."""
+    counts = sorted(m for m in motion_frames if m in cond)
+    if not counts:
+        raise ValueError(f"batch has conditioning for {sorted(cond)}, training asks for {list(motion_frames)}")
+    m = counts[-1] if len(counts) == 1 or torch.rand((), generator=generator).item() < p_more else counts[0]
+    return m, cond[m]

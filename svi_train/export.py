@@ -1,0 +1,131 @@
+"""``python -m svi_train.export SOURCE --format peft|diffusers|comfyui --output DEST``: convert a trained adapter.
+
+SOURCE is an adapter directory (what training exports) or a Lightning checkpoint (``.ckpt``; a DeepSpeed
+checkpoint directory is consolidated first). Formats:
+
+* ``peft``: an adapter directory (``adapter_model.safetensors`` + ``adapter_config.json`` + ``svi.json``);
+* ``diffusers``: ``pytorch_lora_weights.safetensors`` with ``transformer.`` keys and the LoRA config as
+  metadata (so alpha survives; diffusers' ``load_lora_weights`` reads it);
+* ``comfyui``: one ``.safetensors`` with ``diffusion_model.`` + Wan's original module names,
+  ``lora_A`` / ``lora_B`` and a ``.alpha`` per module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import WanImageToVideoPipeline
+from peft import LoraConfig
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from svi_infer.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SVI_META, AdapterError, original_module_name
+from svi_infer.atomic import atomic_path
+
+FORMATS = ("peft", "diffusers", "comfyui")
+CHECKPOINT_KEY = "svi_adapter"  # what SVILitModule stores in its checkpoints beside the weights
+
+
+def _alpha_for(name: str, config: dict) -> float:
+    for pattern, alpha in (config.get("alpha_pattern") or {}).items():
+        if re.fullmatch(rf"(.*\.)?{pattern}", name):
+            return float(alpha)
+    return float(config["lora_alpha"])
+
+
+def read_adapter(source: str | Path) -> tuple[dict[str, Tensor], dict, dict]:
+    """``(weights with peft keys, LoraConfig dict, svi.json dict)`` from an adapter dir or a checkpoint."""
+    source = Path(source).expanduser()
+    if source.is_dir() and (source / ADAPTER_WEIGHTS).is_file():
+        weights = load_file(str(source / ADAPTER_WEIGHTS))
+        config = json.loads((source / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+        meta = json.loads((source / SVI_META).read_text(encoding="utf-8"))
+        return weights, config, meta
+    if source.is_dir():  # a DeepSpeed checkpoint directory
+        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+        with tempfile.TemporaryDirectory() as tmp:
+            convert_zero_checkpoint_to_fp32_state_dict(str(source), f"{tmp}/consolidated.ckpt")
+            checkpoint = torch.load(f"{tmp}/consolidated.ckpt", map_location="cpu", weights_only=True)
+    elif source.is_file():
+        checkpoint = torch.load(source, map_location="cpu", weights_only=True)
+    else:
+        raise AdapterError(f"{source} does not exist")
+    if CHECKPOINT_KEY not in checkpoint:
+        raise AdapterError(f"{source} is not a checkpoint written by svi_train (no {CHECKPOINT_KEY!r} entry)")
+    info = checkpoint[CHECKPOINT_KEY]
+    prefix, adapter = "transformer.", info["adapter_name"]
+    weights = {
+        k.removeprefix(prefix).replace(f".{adapter}.", "."): v
+        for k, v in checkpoint["state_dict"].items()
+        if k.startswith(prefix) and ".lora_" in k
+    }
+    return weights, info["lora_config"], info["meta"]
+
+
+def to_comfyui(weights: dict[str, Tensor], config: dict) -> dict[str, Tensor]:
+    """``diffusion_model.<original name>.lora_A/lora_B.weight`` + ``.alpha`` per module."""
+    out: dict[str, Tensor] = {}
+    for key, value in weights.items():
+        module, tail = key.rsplit(".lora_", 1)
+        name = original_module_name(module)
+        out[f"diffusion_model.{name}.lora_{tail}"] = value
+        out[f"diffusion_model.{name}.alpha"] = torch.tensor(_alpha_for(module, config))
+    return out
+
+
+def export(source: str | Path, fmt: str, output: str | Path) -> Path:
+    """Convert ``source`` to ``fmt`` at ``output`` (a directory for peft/diffusers, a file for comfyui)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    weights, config, meta = read_adapter(source)
+    weights = {k: v.detach().contiguous() for k, v in weights.items()}
+    output = Path(output).expanduser()
+    if fmt == "comfyui":
+        with atomic_path(output) as tmp:
+            save_file(to_comfyui(weights, config), str(tmp), metadata={"svi": json.dumps(meta)})
+        return output
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        if fmt == "peft":
+            save_file(weights, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+            LoraConfig(**{k: v for k, v in config.items() if k in LoraConfig.__dataclass_fields__}).save_pretrained(
+                str(tmp)
+            )
+            (tmp / SVI_META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        else:
+            WanImageToVideoPipeline.save_lora_weights(
+                str(tmp), transformer_lora_layers=weights, transformer_lora_adapter_metadata=config
+            )
+            (tmp / SVI_META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        shutil.rmtree(output, ignore_errors=True)
+        tmp.rename(output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return output
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m svi_train.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", help="adapter directory, Lightning .ckpt, or DeepSpeed checkpoint directory")
+    parser.add_argument("--format", choices=FORMATS, default="comfyui")
+    parser.add_argument("--output", required=True, help="directory (peft, diffusers) or .safetensors file (comfyui)")
+    args = parser.parse_args(argv)
+    try:
+        path = export(args.source, args.format, args.output)
+    except (AdapterError, ValueError, FileNotFoundError) as err:
+        print(f"svi_train.export: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(f"{args.format}: {path}")
+
+
+if __name__ == "__main__":
+    main()

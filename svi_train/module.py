@@ -1,0 +1,209 @@
+"""SVILitModule: one error-recycling training step, orchestrated. The algorithm lives in svi_train.recycling."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig
+
+from svi_infer.adapters import AdapterMeta
+from svi_infer.conditioning import first_frames_mask, with_mask
+from svi_infer.flow import add_noise, velocity_target
+from svi_infer.model import build_model
+from svi_infer.spec import ModelSpec
+from svi_train.config import LoraSettings, OptimSettings
+from svi_train.data import choose_cond
+from svi_train.export import CHECKPOINT_KEY
+from svi_train.recycling import (
+    Errors,
+    RecyclingConfig,
+    TimestepSampler,
+    draw_flags,
+    grid_anchors,
+    grid_of,
+    in_warmup,
+    inject,
+    make_banks,
+    measure,
+    record,
+    recycled_input_and_target,
+    should_update,
+)
+
+
+class SVILitModule(L.LightningModule):
+    """Trains a LoRA on the Wan DiT with SVI's error recycling; the VAE and encoders never run in the step."""
+
+    ADAPTER = "default"
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        model_path: str | None,
+        lora: LoraSettings,
+        recycling: RecyclingConfig,
+        optim: OptimSettings,
+        motion_frames: tuple[int, ...] = (1,),
+        p_more_motion: float = 0.9,
+        variant_defaults: dict | None = None,
+        seed: int = 0,
+        save_banks: bool = True,
+    ) -> None:
+        super().__init__()
+        if len(spec.experts) != 1 or not spec.conditioning_by_concat:
+            raise ValueError(f"{spec.id}: training is implemented for Wan 2.1 I2V; Wan 2.2 bases are not supported yet")
+        self.spec, self.model_path, self.lora, self.recycling, self.optim = spec, model_path, lora, recycling, optim
+        self.motion_frames, self.p_more_motion = tuple(motion_frames), p_more_motion
+        self.variant_defaults = dict(variant_defaults or {})
+        self.seed, self.save_banks = seed, save_banks
+        self.model = build_model(spec, model_path)
+        self.transformer = self.model.transformers[0]
+        self.transformer.requires_grad_(False)
+        self.transformer.add_adapter(self.lora_config(), adapter_name=self.ADAPTER)
+        self.transformer.train()
+        if optim.gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
+        self.timesteps = TimestepSampler(mode=optim.timesteps, shift=recycling.shift)
+        self.anchors = grid_anchors(recycling.num_grids, recycling.shift)
+        # errors at the noise endpoint (paper B_noi) and at the data endpoint (paper B_vid)
+        self.noise_errors, self.x0_errors = make_banks(recycling)
+        self.generator = torch.Generator()
+        self.iteration = 0  # recycling steps taken (gates the warm-up); checkpointed
+
+    def lora_config(self) -> LoraConfig:
+        init = True if self.lora.init == "kaiming" else self.lora.init
+        return LoraConfig(
+            r=self.lora.rank,
+            lora_alpha=self.lora.alpha,
+            target_modules=list(self.lora.target_modules),
+            init_lora_weights=init,
+        )
+
+    def adapter_meta(self) -> AdapterMeta:
+        provenance = {"step": int(self.global_step), "lora": asdict(self.lora), "recycling": asdict(self.recycling)}
+        return AdapterMeta.for_spec(self.spec, defaults=self.variant_defaults, provenance=provenance)
+
+    def setup(self, stage: str) -> None:
+        # one random stream per rank (torchtitan's reasoning: ranks must not draw the same noise / timesteps)
+        self.generator.manual_seed(self.seed * 100_003 + self.global_rank)
+
+    def configure_optimizers(self):
+        params = [p for p in self.transformer.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.optim.lr, betas=self.optim.betas, weight_decay=self.optim.weight_decay)
+
+    # -- the step ---------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        t_start = time.perf_counter()
+        g, cfg, device = self.generator, self.recycling, self.device
+        x0 = batch["latents"].float().cpu()  # [B, C, T, h, w]
+        m, cond = choose_cond(batch["cond"], self.motion_frames, self.p_more_motion, g)
+        h, w = x0.shape[-2:]
+        y = with_mask(cond.float().cpu(), first_frames_mask(batch["num_frames"], h, w, marked=1))
+        # draws and injection per sample, on CPU with this rank's generator
+        draw = self.timesteps.sample(x0.shape[0], g)
+        grids = grid_of(draw.timestep, self.anchors).view(-1)
+        x_t, y_t, v_target, flags = [], [], [], []
+        for i in range(x0.shape[0]):
+            noise = torch.randn(x0[i].shape, generator=g)
+            f = draw_flags(cfg, g) if cfg.enabled else None
+            if f is None:  # plain LoRA baseline
+                x_t.append(add_noise(x0[i], noise, draw.sigma[i]))
+                y_t.append(y[i])
+                v_target.append(velocity_target(x0[i], noise))
+                continue
+            injected = inject(x0[i], noise, y[i], int(grids[i]), self.noise_errors, self.x0_errors, cfg, g, f)
+            xi, vi = recycled_input_and_target(x0[i], injected, draw.sigma[i])
+            x_t.append(xi)
+            y_t.append(injected.y)
+            v_target.append(vi)
+            flags.append(f)
+        sigma = draw.sigma.to(device).view(-1, 1, 1, 1, 1)
+        t = draw.timestep.to(device)
+        weight = draw.weight.to(device)
+        x_t, y_t, v_target = (torch.stack(v).to(device) for v in (x_t, y_t, v_target))
+        image = batch["image"].to(device, self.dtype) if batch["image"] is not None else None
+        v_pred = self.transformer(
+            hidden_states=torch.cat([x_t, y_t], dim=1).to(self.dtype),
+            timestep=t,
+            encoder_hidden_states=batch["text"].to(device, self.dtype),
+            encoder_hidden_states_image=image,
+            return_dict=False,
+        )[0]
+        per_sample = F.mse_loss(v_pred.float(), v_target.float(), reduction="none").mean(dim=(1, 2, 3, 4))
+        loss = (per_sample * weight).mean()
+        t_bank = time.perf_counter()
+        if cfg.enabled:
+            self._update_banks(measure(v_pred, v_target, sigma), t, flags)
+        self._log_step(loss, per_sample, m, batch, time.perf_counter() - t_bank, time.perf_counter() - t_start)
+        return loss
+
+    @torch.no_grad()
+    def _update_banks(self, errors, t: torch.Tensor, flags) -> None:
+        """Warm-up: every rank inserts every rank's errors (the all_gather runs on all ranks, always, so no
+        rank can skip a collective); afterwards each rank keeps its own."""
+        update = torch.tensor([should_update(f, self.recycling, self.generator) for f in flags], device=t.device)
+        noise, x0 = errors.noise, errors.x0
+        if in_warmup(self.iteration, self.recycling) and self.trainer.world_size > 1:
+            noise, x0, t, update = (self.all_gather(v).flatten(0, 1) for v in (noise, x0, t, update))
+        self.iteration += 1
+        grids = grid_of(t.cpu(), self.anchors).view(-1)
+        for i in range(t.shape[0]):
+            if update[i]:
+                record(
+                    Errors(noise=noise[i].cpu(), x0=x0[i].cpu()),
+                    int(grids[i]),
+                    self.noise_errors,
+                    self.x0_errors,
+                    self.generator,
+                )
+
+    def _log_step(self, loss, per_sample, m, batch, bank_s: float, step_s: float) -> None:
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/motion_frames", float(m))
+        self.log("perf/step_s", step_s)
+        self.log("perf/bank_s", bank_s)
+        self.log("perf/samples_per_s", batch["latents"].shape[0] / max(step_s, 1e-9))
+        self.log("data/skipped", float(batch["data_skipped"]))
+        if self.recycling.enabled and (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:
+            for name, bank in (("noise", self.noise_errors), ("x0", self.x0_errors)):
+                for key, value in bank.stats().items():
+                    self.log(f"recycling/{name}/{key}", float(value))
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[CHECKPOINT_KEY] = {
+            "adapter_name": self.ADAPTER,
+            "lora_config": self.transformer.peft_config[self.ADAPTER].to_dict(),
+            "meta": {"format": 1, **asdict(self.adapter_meta())},
+        }
+        checkpoint["svi_recycling"] = {
+            "iteration": self.iteration,
+            "generator": self.generator.get_state(),
+            "banks": {"noise": self.noise_errors.state_dict(), "x0": self.x0_errors.state_dict()}
+            if self.save_banks
+            else None,
+        }
+        # only the trainable (LoRA) weights: the frozen base is rebuilt from the model folder
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("svi_recycling") or {}
+        self.iteration = state.get("iteration", 0)
+        if state.get("generator") is not None:
+            self._restored_generator = state["generator"]
+        if state.get("banks"):
+            self.noise_errors.load_state_dict(state["banks"]["noise"])
+            self.x0_errors.load_state_dict(state["banks"]["x0"])
+        full = self.state_dict()
+        full.update(checkpoint["state_dict"])
+        checkpoint["state_dict"] = full
+
+    def on_train_start(self) -> None:
+        restored = getattr(self, "_restored_generator", None)
+        if restored is not None:
+            self.generator.set_state(restored)

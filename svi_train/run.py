@@ -1,0 +1,112 @@
+"""From a composed ``conf/train.yaml`` to a trained, exported adapter."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+from svi_infer.generate import GenerationSettings
+from svi_infer.spec import get_spec
+from svi_train.callbacks import AdapterExport, RolloutPreview
+from svi_train.config import CallbackSettings, LoggerSettings, LoraSettings, OptimSettings, TrainerSettings
+from svi_train.data import DataConfig, WdsDataModule, read_index
+from svi_train.module import SVILitModule
+from svi_train.recycling import RecyclingConfig
+
+
+def _typed(cls, node):
+    """A frozen dataclass from a config node (lists become tuples)."""
+    values = OmegaConf.to_container(node, resolve=True)
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def make_logger(settings: LoggerSettings, run_dir: Path, name: str):
+    if settings.kind == "none":
+        return False
+    if settings.kind == "csv":
+        return CSVLogger(save_dir=str(run_dir), name="csv")
+    if settings.kind != "wandb":
+        raise ValueError(f"logger.kind must be wandb, csv or none, got {settings.kind!r}")
+    offline = settings.offline if settings.offline is not None else not os.environ.get("WANDB_API_KEY")
+    return WandbLogger(project=settings.project, name=name, save_dir=str(run_dir), offline=offline)
+
+
+def run(cfg: DictConfig) -> Path:
+    """Train; returns the final adapter directory."""
+    spec = get_spec(cfg.model.spec)
+    if cfg.model.path is None and not spec.tiny:
+        raise ValueError(f"model.path is required for {spec.id} (or train the tiny model: +experiment=tiny)")
+    data = _typed(DataConfig, cfg.data)
+    index = read_index(data.path)
+    if index["spec"] != spec.id and not (get_spec(index["spec"]).family == spec.family):
+        raise ValueError(f"the shards in {data.path} were encoded for {index['spec']}, not {spec.id}")
+    run_dir = Path(cfg.output_dir)
+    trainer_cfg = _typed(TrainerSettings, cfg.trainer)
+    callbacks_cfg = _typed(CallbackSettings, cfg.callbacks)
+    variant = OmegaConf.to_container(cfg.variant, resolve=True)
+    L.seed_everything(cfg.seed, workers=True)
+    module = SVILitModule(
+        spec,
+        cfg.model.path,
+        _typed(LoraSettings, cfg.lora),
+        _typed(RecyclingConfig, cfg.recycling),
+        _typed(OptimSettings, cfg.optim),
+        motion_frames=data.motion_frames,
+        p_more_motion=data.p_more_motion,
+        variant_defaults=variant,
+        seed=cfg.seed,
+        save_banks=callbacks_cfg.save_banks,
+    )
+    export = AdapterExport(run_dir / "adapters", callbacks_cfg.export_every_n_steps)
+    callbacks = [
+        export,
+        ModelCheckpoint(
+            dirpath=run_dir / "checkpoints",
+            every_n_train_steps=trainer_cfg.checkpoint_every_n_steps,
+            save_last=True,
+            save_top_k=-1,
+        ),
+    ]
+    if callbacks_cfg.preview_every_n_steps:
+        frames = callbacks_cfg.preview_frames or index["frames_per_clip"]
+        settings = GenerationSettings(
+            num_clips=callbacks_cfg.preview_clips,
+            frames_per_clip=frames,
+            steps=callbacks_cfg.preview_steps or spec.steps,
+            height=index["resolutions"][0][0],
+            width=index["resolutions"][0][1],
+            fps=int(index["fps"]),
+            **{k: v for k, v in variant.items() if k in GenerationSettings.__dataclass_fields__},
+        )
+        settings.validate(spec)
+        callbacks.append(
+            RolloutPreview(
+                run_dir / "previews",
+                callbacks_cfg.preview_every_n_steps,
+                settings,
+                list(callbacks_cfg.preview_prompts),
+                callbacks_cfg.preview_image,
+            )
+        )
+    trainer = L.Trainer(
+        accelerator=trainer_cfg.accelerator,
+        devices=trainer_cfg.devices,
+        num_nodes=trainer_cfg.num_nodes,
+        strategy=trainer_cfg.strategy,
+        precision=trainer_cfg.precision,
+        max_steps=trainer_cfg.max_steps,
+        gradient_clip_val=trainer_cfg.gradient_clip_val,
+        accumulate_grad_batches=trainer_cfg.accumulate_grad_batches,
+        log_every_n_steps=trainer_cfg.log_every_n_steps,
+        enable_progress_bar=trainer_cfg.enable_progress_bar,
+        callbacks=callbacks,
+        logger=make_logger(_typed(LoggerSettings, cfg.logger), run_dir, cfg.run_name),
+        default_root_dir=str(run_dir),
+    )
+    trainer.fit(module, datamodule=WdsDataModule(data, seed=cfg.seed), ckpt_path=cfg.resume)
+    return run_dir / "adapters" / "final"
