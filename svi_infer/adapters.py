@@ -23,6 +23,7 @@ from typing import Any
 
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -33,6 +34,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 SVI_META = "svi.json"
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
+DIFFUSERS_METADATA = "lora_adapter_metadata"
 META_FORMAT = 1
 
 _PREFIXES = ("base_model.model.", "pipe.dit.", "diffusion_model.", "transformer.")
@@ -190,17 +192,28 @@ def parse_lora_state_dict(state_dict: dict[str, Tensor]) -> tuple[dict[str, Lora
     return modules, not_lora
 
 
-def _alphas_from_config(path: Path, modules: dict[str, LoraWeights]) -> None:
-    """Fill alphas from a peft ``adapter_config.json`` beside the weights (lora_alpha / alpha_pattern)."""
+def _peft_config(path: Path, file: Path) -> dict | None:
+    """The peft ``LoraConfig`` saved with the weights: ``adapter_config.json`` beside them, or the
+    ``lora_adapter_metadata`` diffusers writes into the safetensors header."""
     cfg_path = (path if path.is_dir() else path.parent) / ADAPTER_CONFIG
-    if not cfg_path.is_file():
+    if cfg_path.is_file():
+        return json.loads(cfg_path.read_text(encoding="utf-8"))
+    with safe_open(str(file), "pt") as handle:
+        raw = (handle.metadata() or {}).get(DIFFUSERS_METADATA)
+    if raw:
+        return {k.removeprefix("transformer."): v for k, v in json.loads(raw).items()}
+    return None
+
+
+def _fill_alphas(config: dict | None, modules: dict[str, LoraWeights]) -> None:
+    """Alphas the file does not carry come from its peft config (lora_alpha / alpha_pattern), else alpha = r."""
+    if config is None:
         return
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    pattern = cfg.get("alpha_pattern") or {}
+    pattern = config.get("alpha_pattern") or {}
     for name, weights in modules.items():
-        if weights.alpha is None:
+        if weights.alpha is None and weights.down is not None:
             hit = next((v for k, v in pattern.items() if re.fullmatch(rf"(.*\.)?{k}", name)), None)
-            weights.alpha = float(hit if hit is not None else cfg.get("lora_alpha", weights.down.shape[0]))
+            weights.alpha = float(hit if hit is not None else config.get("lora_alpha", weights.down.shape[0]))
 
 
 def _check_against(
@@ -287,7 +300,7 @@ def load_adapter(
     except Exception as err:  # safetensors raises several types for a damaged file
         raise AdapterError(f"cannot read LoRA file {file}: {err}") from None
     modules, not_lora = parse_lora_state_dict(state_dict)
-    _alphas_from_config(path, modules)
+    _fill_alphas(_peft_config(path, file), modules)
     indices = [spec.experts.index(expert)] if expert else range(len(spec.experts))
     name = adapter_name or re.sub(r"\W", "_", path.stem if path.is_file() else path.name)
     for i in indices:

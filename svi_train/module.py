@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict
 
@@ -33,6 +34,11 @@ from svi_train.recycling import (
     recycled_input_and_target,
     should_update,
 )
+
+
+def json_safe(data: dict) -> dict:
+    """Plain types only (peft's enums and sets), so checkpoints load with ``weights_only=True``."""
+    return json.loads(json.dumps(data, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
 
 
 class SVILitModule(L.LightningModule):
@@ -177,7 +183,7 @@ class SVILitModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[CHECKPOINT_KEY] = {
             "adapter_name": self.ADAPTER,
-            "lora_config": self.transformer.peft_config[self.ADAPTER].to_dict(),
+            "lora_config": json_safe(self.transformer.peft_config[self.ADAPTER].to_dict()),
             "meta": {"format": 1, **asdict(self.adapter_meta())},
         }
         checkpoint["svi_recycling"] = {

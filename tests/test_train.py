@@ -1,0 +1,146 @@
+"""svi_train on the tiny model: configs, a golden loss test, a smoke fit, resume state, export round trips."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from hydra.errors import ConfigCompositionException
+
+from data_tools.app import run as prepare
+from data_tools.synthetic import make_dataset
+from svi_infer.adapters import load_adapter, lora_modules
+from svi_infer.model import build_model
+from svi_infer.spec import get_spec
+from svi_train.config import register
+from svi_train.export import FORMATS, export
+from tests.conftest import TINY21, dit_inputs
+
+register()
+CONF = Path(__file__).resolve().parents[1] / "conf"
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+def compose_train(overrides):
+    with initialize_config_module("conf", version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_data")
+    make_dataset(root / "clips", num_clips=4, fps=16, size=(96, 64), seconds=1.5)
+    with initialize_config_module("conf", version_base="1.3"):
+        cfg = compose(
+            "data",
+            overrides=[f"input={root / 'clips'}", f"output={root / 'ds'}", "frames_per_clip=9", "buckets=[[48,80]]"]
+            + ["motion_frames=[1,5]", "progress=false"],
+        )
+    prepare(cfg)
+    return root / "ds"
+
+
+def _train(shards, out, *overrides):
+    from svi_train.run import run
+
+    cfg = compose_train(
+        ["+experiment=tiny", f"data.path={shards}", f"output_dir={out}", "trainer.max_steps=6", *overrides]
+    )
+    return run(cfg)
+
+
+@pytest.mark.parametrize("model", ["tiny_wan21_i2v", "wan21_i2v_14b_480p"])
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes(experiment, model):
+    cfg = compose_train([f"+experiment={experiment}", f"model={model}"])
+    assert cfg.recycling.num_grids == 50 and cfg.lora.rank > 0
+
+
+def test_typos_and_wrong_types_fail_at_compose_time():
+    with pytest.raises(ConfigCompositionException):
+        compose_train(["recycling.p_nosie=0.5"])
+    with pytest.raises(ConfigCompositionException):
+        compose_train(["lora.rank=many"])
+    with pytest.raises(ConfigCompositionException):
+        compose_train(["trainer.max_step=3"])
+
+
+def test_golden_losses(shards, tmp_path):
+    """Seeded tiny model, 5 steps: the losses are pinned, so any change to the recycling math shows."""
+    import lightning as L
+
+    from svi_train.run import run
+
+    losses = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            losses.append(round(float(outputs["loss"]), 6))
+
+    import svi_train.run as run_module
+
+    original = run_module.L.Trainer
+
+    def trainer_with_recorder(*args, **kwargs):
+        kwargs["callbacks"] = [*kwargs["callbacks"], Record()]
+        return original(*args, **kwargs)
+
+    run_module.L.Trainer = trainer_with_recorder
+    try:
+        run(
+            compose_train(
+                [
+                    "+experiment=tiny",
+                    f"data.path={shards}",
+                    f"output_dir={tmp_path}",
+                    "trainer.max_steps=5",
+                    "data.shuffle_buffer=0",
+                    "recycling.warmup_iters=2",
+                    "recycling.p_noise=0.5",
+                ]
+            )
+        )
+    finally:
+        run_module.L.Trainer = original
+    assert losses == pytest.approx(GOLDEN, abs=1e-5), losses
+
+
+GOLDEN = [0.092094, 1.211789, 3.224384, 0.069326, 0.311302]
+
+
+def test_smoke_fit_exports_an_adapter_that_svi_infer_loads(shards, tmp_path):
+    adapter = _train(shards, tmp_path / "run")
+    meta = json.loads((adapter / "svi.json").read_text())
+    assert meta["base"]["spec"] == TINY21 and meta["defaults"]["ref_pad_num"] == -1
+    assert meta["provenance"]["step"] == 6
+    model = build_model(get_spec(TINY21))
+    base = model.transformers[0](**dit_inputs())[0]
+    load_adapter(model, adapter)
+    assert len(lora_modules(model.transformers[0])) == 20
+    assert not torch.allclose(model.transformers[0](**dit_inputs())[0], base)  # training moved B off zero
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["svi_recycling"]["iteration"] == 6
+    assert ckpt["svi_recycling"]["banks"]["noise"] is not None
+    assert all(".lora_" in k for k in ckpt["state_dict"])  # the frozen base is not written
+
+
+def test_recycling_off_is_the_plain_lora_baseline(shards, tmp_path):
+    adapter = _train(shards, tmp_path / "run", "recycling.enabled=false")
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["svi_recycling"]["iteration"] == 0
+    assert (adapter / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("source", ["adapter", "checkpoint"])
+def test_export_round_trips(shards, tmp_path, fmt, source):
+    adapter = _train(shards, tmp_path / "run", "lora.alpha=8.0")
+    src = adapter if source == "adapter" else tmp_path / "run" / "checkpoints" / "last.ckpt"
+    out = export(src, fmt, tmp_path / ("lora.safetensors" if fmt == "comfyui" else "exported"))
+    reference = build_model(get_spec(TINY21))
+    load_adapter(reference, adapter)
+    model = build_model(get_spec(TINY21))
+    load_adapter(model, out)
+    inputs = dit_inputs()
+    assert torch.allclose(model.transformers[0](**inputs)[0], reference.transformers[0](**inputs)[0], atol=1e-6)
