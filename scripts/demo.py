@@ -1,8 +1,9 @@
 """``make demo``: the main job end to end on the embedded tiny model, printing where everything went.
 
-Steps so far: prepare pre-encoded shards from a bundled synthetic clip set (made with the bundled ffmpeg),
-then generate a multi-clip video with svi_infer (random tiny weights, so the pictures are noise-like: the
-point is the pipeline). Training and export join as they land.
+prepare pre-encoded shards from a bundled synthetic clip set (made with the bundled ffmpeg) -> train an
+error-recycling LoRA on them (+experiment=tiny, a few hundred CPU steps) -> export it (ComfyUI format) ->
+generate a multi-clip video with the trained adapter. The tiny model has random weights, so the pictures are
+noise-like: the point is the pipeline.
 """
 
 from __future__ import annotations
@@ -44,26 +45,24 @@ def run(cmd: list[str]) -> None:
 
 
 def main() -> None:
+    py = sys.executable
     clips = make_dataset(OUT / "clips", num_clips=4, fps=16, size=(160, 96), seconds=6.0)
-    shards = OUT / "dataset"
-    prepare = [sys.executable, "-m", "data_tools", "prepare", f"input={OUT / 'clips'}", f"output={shards}"]
-    run(
-        [
-            *prepare,
-            "model=tiny_wan21_i2v",
-            "frames_per_clip=33",
-            "motion_frames=[1,5]",
-            "ref_pad_num=0",
-            "progress=false",
-        ]
-    )
+    dataset = OUT / "dataset"
+    run([py, "-m", "data_tools", "prepare", f"input={OUT / 'clips'}", f"output={dataset}", "model=tiny_wan21_i2v"]
+        + ["frames_per_clip=33", "motion_frames=[1]", "ref_pad_num=-1", "progress=false"])  # fmt: skip
+    train_dir = OUT / "train"
+    run([py, "-m", "svi_train", "+experiment=tiny", f"data.path={dataset}", f"hydra.run.dir={train_dir}"])
+    adapter = train_dir / "adapters" / "final"
+    comfy = OUT / "svi_tiny_comfyui.safetensors"
+    run([py, "-m", "svi_train.export", str(adapter), "--format", "comfyui", "--output", str(comfy)])
     image, prompts = write_inputs()
-    video = OUT / "film_tiny.mp4"
-    cmd = [sys.executable, "-m", "svi_infer", "model=tiny_wan21_i2v", "+experiment=film", f"image={image}"]
-    cmd += [f"prompts={prompts}", f"output={video}", "num_clips=4", "resume=false"]
-    run(cmd)
+    video = OUT / "shot_tiny.mp4"
+    run([py, "-m", "svi_infer", "model=tiny_wan21_i2v", "+experiment=shot", f"image={image}", f"prompts={prompts}"]
+        + [f"adapter.path={adapter}", f"output={video}", "num_clips=4", "resume=false"])  # fmt: skip
     print(f"\nclips:   {len(clips)} synthetic videos with captions under {OUT / 'clips'}")
-    print(f"shards:  {shards / 'shards'} (index {shards / 'index.json'}, report {shards / 'report.json'})")
+    print(f"shards:  {dataset / 'shards'} (index {dataset / 'index.json'}, report {dataset / 'report.json'})")
+    print(f"train:   {train_dir} (metrics {train_dir / 'csv'}, checkpoints {train_dir / 'checkpoints'})")
+    print(f"adapter: {adapter} (ComfyUI export {comfy})")
     print(f"inputs:  {image}, {prompts}\nvideo:   {video}\nsidecar: {video.with_suffix('.json')}")
 
 
