@@ -123,6 +123,58 @@ def _own_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+STEP_TARGET = 1.05  # tiny-model step time with recycling / without
+
+
+def step_time_figures(steps: int = 40, repeats: int = 2) -> dict[str, float]:
+    """Tiny-model training step time with recycling on vs off (plain LoRA), same batch, fits alternated."""
+    import lightning as L
+
+    from svi_infer.spec import get_spec
+    from svi_train.config import LoraSettings, OptimSettings
+    from svi_train.module import SVILitModule
+    from svi_train.recycling import RecyclingConfig
+
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "key": ["bench"],
+        "latents": torch.randn(1, 16, 9, 6, 10, generator=g).to(torch.bfloat16),
+        "cond": {1: torch.randn(1, 16, 9, 6, 10, generator=g).to(torch.bfloat16)},
+        "text": torch.randn(1, 512, 32, generator=g),
+        "image": torch.randn(1, 1025, 4, generator=g),
+        "num_frames": 33,
+        "data_skipped": 0,
+    }
+
+    class StepTimer(L.Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_train_batch_start(self, *args) -> None:
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, *args) -> None:
+            self.times.append(time.perf_counter() - self.start)
+
+    medians: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(repeats):
+        for enabled in (True, False):
+            recycling = RecyclingConfig(enabled=enabled, warmup_iters=5, capacity=16)
+            module = SVILitModule(
+                get_spec("tiny-wan2.1-i2v"), None, LoraSettings(rank=4, alpha=4.0), recycling, OptimSettings()
+            )
+            timer = StepTimer()
+            trainer = L.Trainer(
+                accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
+                enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
+            )  # fmt: skip
+            loader = torch.utils.data.DataLoader([batch] * steps, batch_size=None, collate_fn=lambda b: b)
+            trainer.fit(module, train_dataloaders=loader)
+            medians[enabled].append(statistics.median(timer.times[5:]))
+    on, off = min(medians[True]), min(medians[False])
+    return {"step_ms_recycling": on * 1000, "step_ms_plain": off * 1000, "step_time_ratio": on / off}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -138,7 +190,7 @@ def main() -> None:
     t_start, busy0, own0 = time.perf_counter(), _busy_cpu_s(), _own_cpu_s()
     figures: dict[str, float] = {}
     figures.update(insert_figures(args.capacity, args.rounds, args.ours_per_round))
-    # step_time_ratio() (training step with recycling / plain LoRA step) plugs in here: figures.update(...).
+    figures.update(step_time_figures())
     wall = time.perf_counter() - t_start
     figures["other_load_cpus"] = max(0.0, (_busy_cpu_s() - busy0) - (_own_cpu_s() - own0)) / wall
     figures["threads"] = torch.get_num_threads()
@@ -152,6 +204,12 @@ def main() -> None:
     print(
         f"sketch picked the exact L2 nearest in {figures['nearest_agree']:.0%} of rounds; mean excess distance "
         f"{figures['nearest_excess']:.2e}"
+    )
+    step_ok = figures["step_time_ratio"] <= STEP_TARGET
+    print(
+        f"tiny-model step: recycling {figures['step_ms_recycling']:.1f} ms vs plain LoRA "
+        f"{figures['step_ms_plain']:.1f} ms -> ratio {figures['step_time_ratio']:.3f} "
+        f"(target <= {STEP_TARGET}): {'MET' if step_ok else 'NOT MET'}"
     )
     if figures["other_load_cpus"] > 0.25:
         print(f"WARNING: other work kept {figures['other_load_cpus']:.2f} CPUs busy; timings are unreliable")
