@@ -79,6 +79,7 @@ class SVILitModule(L.LightningModule):
         self.noise_errors, self.x0_errors = make_banks(recycling)
         self.generator = torch.Generator()
         self.iteration = 0  # recycling steps taken (gates the warm-up); checkpointed
+        self._last_step_end: float | None = None
 
     def lora_config(self) -> LoraConfig:
         init = True if self.lora.init == "kaiming" else self.lora.init
@@ -104,6 +105,7 @@ class SVILitModule(L.LightningModule):
     # -- the step ---------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         t_start = time.perf_counter()
+        data_wait = t_start - self._last_step_end if self._last_step_end is not None else 0.0
         g, cfg, device = self.generator, self.recycling, self.device
         x0 = batch["latents"].float().cpu()  # [B, C, T, h, w]
         m, cond = choose_cond(batch["cond"], self.motion_frames, self.p_more_motion, g)
@@ -144,7 +146,8 @@ class SVILitModule(L.LightningModule):
         t_bank = time.perf_counter()
         if cfg.enabled:
             self._update_banks(measure(v_pred, v_target, sigma), t, flags)
-        self._log_step(loss, per_sample, m, batch, time.perf_counter() - t_bank, time.perf_counter() - t_start)
+        self._log_step(loss, m, batch, time.perf_counter() - t_bank, time.perf_counter() - t_start, data_wait)
+        self._last_step_end = time.perf_counter()  # the step's backward and optimizer run after this; close enough
         return loss
 
     @torch.no_grad()
@@ -167,8 +170,9 @@ class SVILitModule(L.LightningModule):
                     self.generator,
                 )
 
-    def _log_step(self, loss, per_sample, m, batch, bank_s: float, step_s: float) -> None:
+    def _log_step(self, loss, m, batch, bank_s: float, step_s: float, data_wait_s: float) -> None:
         self.log("train/loss", loss, prog_bar=True)
+        self.log("perf/data_wait_s", data_wait_s)
         self.log("train/motion_frames", float(m))
         self.log("perf/step_s", step_s)
         self.log("perf/bank_s", bank_s)

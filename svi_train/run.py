@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -72,6 +72,8 @@ def run(cfg: DictConfig) -> Path:
             save_top_k=-1,
         ),
     ]
+    if trainer_cfg.enable_progress_bar:
+        callbacks.append(RichProgressBar())
     if callbacks_cfg.preview_every_n_steps:
         frames = callbacks_cfg.preview_frames or index["frames_per_clip"]
         settings = GenerationSettings(

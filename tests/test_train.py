@@ -125,6 +125,16 @@ def test_smoke_fit_exports_an_adapter_that_svi_infer_loads(shards, tmp_path):
     assert all(".lora_" in k for k in ckpt["state_dict"])  # the frozen base is not written
 
 
+def test_resume_restores_banks_and_counters(shards, tmp_path):
+    _train(shards, tmp_path / "run")
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    first = torch.load(last, weights_only=True)
+    _train(shards, tmp_path / "run2", "trainer.max_steps=9", f"resume={last}")
+    resumed = torch.load(tmp_path / "run2" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] == 9 and resumed["svi_recycling"]["iteration"] == 9
+    assert resumed["svi_recycling"]["banks"]["noise"]["inserts"] >= first["svi_recycling"]["banks"]["noise"]["inserts"]
+
+
 def test_recycling_off_is_the_plain_lora_baseline(shards, tmp_path):
     adapter = _train(shards, tmp_path / "run", "recycling.enabled=false")
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
