@@ -34,6 +34,8 @@ fmt: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/long_video_memory.py
+	$(BIN)/python bench/data_throughput.py
+	$(BIN)/python bench/recycling_overhead.py
 
 clean:
 	rm -rf outputs demo_out .pytest_cache

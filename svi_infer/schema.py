@@ -111,10 +111,19 @@ def validate(sample: Sample, temporal: int = 4, spatial: int = 8) -> None:
         if tuple(t["pose"].shape) != want or t["pose"].dtype != torch.uint8:
             problems.append(f"pose must be uint8 {want}")
     for name, tensor in t.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if tensor.is_floating_point() and not _finite(tensor):
             problems.append(f"{name} has non-finite values")
     if problems:
         raise SchemaError(f"sample {sample.key}: " + "; ".join(problems))
+
+
+def _finite(tensor: Tensor) -> bool:
+    """No NaN or inf. ``aminmax`` (NaN propagates into it) reads the tensor once; ``isfinite().all()`` writes
+    four full-size temporaries and made validation 4x slower than reading the shard (bench/data_throughput)."""
+    if tensor.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(tensor)
+    return bool(torch.isfinite(lo) and torch.isfinite(hi))
 
 
 def to_members(sample: Sample) -> dict[str, bytes | str]:

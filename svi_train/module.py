@@ -114,25 +114,12 @@ class SVILitModule(L.LightningModule):
         # draws and injection per sample, on CPU with this rank's generator
         draw = self.timesteps.sample(x0.shape[0], g)
         grids = grid_of(draw.timestep, self.anchors).view(-1)
-        x_t, y_t, v_target, flags = [], [], [], []
-        for i in range(x0.shape[0]):
-            noise = torch.randn(x0[i].shape, generator=g)
-            f = draw_flags(cfg, g) if cfg.enabled else None
-            if f is None:  # plain LoRA baseline
-                x_t.append(add_noise(x0[i], noise, draw.sigma[i]))
-                y_t.append(y[i])
-                v_target.append(velocity_target(x0[i], noise))
-                continue
-            injected = inject(x0[i], noise, y[i], int(grids[i]), self.noise_errors, self.x0_errors, cfg, g, f)
-            xi, vi = recycled_input_and_target(x0[i], injected, draw.sigma[i])
-            x_t.append(xi)
-            y_t.append(injected.y)
-            v_target.append(vi)
-            flags.append(f)
+        samples = [self._recycled_inputs(x0[i], y[i], draw.sigma[i], int(grids[i])) for i in range(x0.shape[0])]
+        x_t, y_t, v_target = (torch.stack([s[j] for s in samples]).to(device) for j in range(3))
+        flags = [s[3] for s in samples]
         sigma = draw.sigma.to(device).view(-1, 1, 1, 1, 1)
         t = draw.timestep.to(device)
         weight = draw.weight.to(device)
-        x_t, y_t, v_target = (torch.stack(v).to(device) for v in (x_t, y_t, v_target))
         image = batch["image"].to(device, self.dtype) if batch["image"] is not None else None
         v_pred = self.transformer(
             hidden_states=torch.cat([x_t, y_t], dim=1).to(self.dtype),
@@ -149,6 +136,17 @@ class SVILitModule(L.LightningModule):
         self._log_step(loss, m, batch, time.perf_counter() - t_bank, time.perf_counter() - t_start, data_wait)
         self._last_step_end = time.perf_counter()  # the step's backward and optimizer run after this; close enough
         return loss
+
+    def _recycled_inputs(self, x0: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor, grid: int):
+        """One sample's DiT input, conditioning and target, with errors from the banks injected (on CPU)."""
+        cfg, g = self.recycling, self.generator
+        noise = torch.randn(x0.shape, generator=g)
+        if not cfg.enabled:  # the plain-LoRA baseline
+            return add_noise(x0, noise, sigma), y, velocity_target(x0, noise), None
+        flags = draw_flags(cfg, g)
+        injected = inject(x0, noise, y, grid, self.noise_errors, self.x0_errors, cfg, g, flags)
+        x_t, v_target = recycled_input_and_target(x0, injected, sigma)  # the target points to the CLEAN x0
+        return x_t, injected.y, v_target, flags
 
     @torch.no_grad()
     def _update_banks(self, errors, t: torch.Tensor, flags) -> None:
