@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -72,6 +72,9 @@ def run(cfg: DictConfig) -> Path:
             save_top_k=-1,
         ),
     ]
+    logger = make_logger(_typed(LoggerSettings, cfg.logger), run_dir, cfg.run_name)
+    if logger:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))  # logged as lr-AdamW
     if trainer_cfg.enable_progress_bar:
         callbacks.append(RichProgressBar())
     if callbacks_cfg.preview_every_n_steps:
@@ -107,7 +110,7 @@ def run(cfg: DictConfig) -> Path:
         log_every_n_steps=trainer_cfg.log_every_n_steps,
         enable_progress_bar=trainer_cfg.enable_progress_bar,
         callbacks=callbacks,
-        logger=make_logger(_typed(LoggerSettings, cfg.logger), run_dir, cfg.run_name),
+        logger=logger,
         default_root_dir=str(run_dir),
     )
     trainer.fit(module, datamodule=WdsDataModule(data, seed=cfg.seed), ckpt_path=cfg.resume)

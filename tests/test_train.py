@@ -135,6 +135,25 @@ def test_resume_restores_banks_and_counters(shards, tmp_path):
     assert resumed["svi_recycling"]["banks"]["noise"]["inserts"] >= first["svi_recycling"]["banks"]["noise"]["inserts"]
 
 
+def test_rollout_preview_and_metrics(shards, tmp_path):
+    _train(
+        shards,
+        tmp_path / "run",
+        "callbacks.preview_every_n_steps=3",
+        "callbacks.preview_clips=2",
+        "trainer.log_every_n_steps=1",
+    )
+    assert sorted(p.name for p in (tmp_path / "run" / "previews").glob("*.mp4")) == [
+        "step_000003.mp4",
+        "step_000006.mp4",
+    ]
+    preview = json.loads((tmp_path / "run" / "previews" / "step_000006.json").read_text())
+    assert preview["frames"] == 9 + 8 and preview["preview_step"] == 6
+    header = (tmp_path / "run" / "csv" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
+    for name in ("train/loss", "lr-AdamW", "perf/step_s", "perf/data_wait_s", "perf/bank_s", "data/skipped"):
+        assert name in header
+
+
 def test_recycling_off_is_the_plain_lora_baseline(shards, tmp_path):
     adapter = _train(shards, tmp_path / "run", "recycling.enabled=false")
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
