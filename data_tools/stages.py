@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import decord
+import imageio_ffmpeg
 import numpy as np
 import webdataset as wds
 from tqdm.auto import tqdm
@@ -97,6 +98,12 @@ def run_scan(root: Path, output: Path, settings: DataSettings, report: Report) -
         except Exception as err:  # decord raises its own error types for broken files
             report.skip(entry.source, "unreadable", str(err).splitlines()[0][:200])
             continue
+        declared = declared_seconds(path)
+        if declared and num < 0.9 * declared * src_fps - 1:  # the index lists fewer frames than the header promises
+            report.skip(
+                entry.source, "truncated", f"{num} decodable frames of the {declared:.2f} s the header declares"
+            )
+            continue
         windows = plan_windows(
             num, src_fps, settings.fps, settings.frames_per_clip, settings.stride, settings.short_videos
         )
@@ -137,6 +144,17 @@ def run_scan(root: Path, output: Path, settings: DataSettings, report: Report) -
     manifest = {"version": MANIFEST_VERSION, "root": str(root), "settings": asdict(settings), "videos": videos}
     write_json(_paths(output)["manifest"], manifest)
     return manifest
+
+
+def declared_seconds(path: Path) -> float | None:
+    """Duration the container header declares (ffmpeg reads only the header), or None if it has none."""
+    reader = imageio_ffmpeg.read_frames(str(path))
+    try:
+        return float(next(reader).get("duration") or 0.0) or None
+    except Exception:  # no header to read: decord's own checks decide
+        return None
+    finally:
+        reader.close()
 
 
 def load_manifest(output: Path, settings: DataSettings) -> dict:

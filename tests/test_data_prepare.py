@@ -117,14 +117,10 @@ def test_bad_inputs_are_skipped_with_reasons(tmp_path, monkeypatch):
     with pytest.raises(DataRunError, match="skipped"):  # 6 of 7 inputs skipped: over max_skip_ratio
         run(compose_data([f"input={root}", f"output={out}", *SMALL]))
     report = json.loads((out / "report.json").read_text())
-    assert report["skipped_by_reason"] == {
-        "empty_file": 1,
-        "no_caption": 1,
-        "non_finite": 1,
-        "too_short": 1,
-        "truncated_or_corrupt": 1,
-        "unreadable": 1,
-    }
+    reasons = dict(report["skipped_by_reason"])
+    # a truncated file is caught at scan (fewer frames than its header declares) or, failing that, when decoding
+    assert reasons.pop("truncated", 0) + reasons.pop("truncated_or_corrupt", 0) == 1
+    assert reasons == {"empty_file": 1, "no_caption": 1, "non_finite": 1, "too_short": 1, "unreadable": 1}
     assert report["counts"]["samples"] == 1
     _, samples = _samples(out)
     assert [s.meta["source"] for s in samples] == ["good.mp4"]
