@@ -139,7 +139,11 @@ def to_members(sample: Sample) -> dict[str, bytes | str]:
 
 
 def from_members(members: dict[str, Any]) -> Sample:
-    """webdataset members (raw bytes) -> validated sample."""
+    """webdataset members (raw bytes) -> validated sample. Members other than JSON and safetensors (a
+    ``.pth`` or ``.pickle`` one would need unpickling) make the sample invalid: pickle is never read."""
+    foreign = sorted(n for n in members if not n.startswith("__") and n != "json" and not n.endswith(".safetensors"))
+    if foreign:
+        raise SchemaError(f"sample {members.get('__key__')}: members {foreign} are neither JSON nor safetensors")
     try:
         meta = json.loads(members["json"])
         tensors: dict[str, Tensor] = {}

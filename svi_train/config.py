@@ -32,6 +32,7 @@ class OptimSettings:
     betas: tuple[float, float] = (0.9, 0.999)
     timesteps: str = "shifted_uniform"  # SVI's table with its bell-shaped loss weight | logit_normal
     gradient_checkpointing: bool = False
+    max_nonfinite_in_row: int = 5  # non-finite losses are skipped; this many in a row stop the run
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ Samples are bucketed by resolution so a batch never mixes shapes.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,8 @@ import webdataset as wds
 from torch import Tensor
 
 from svi_infer.schema import SchemaError, from_members, padded_text
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,7 @@ class DataConfig:
     resampled: bool = False  # endless sampling with replacement (multi-node); else epochs over the shards
     motion_frames: tuple[int, ...] = (1,)  # conditioning variants to draw from (must be in the shards)
     p_more_motion: float = 0.9  # with several: the largest count with this probability, else the smallest
+    max_skip_ratio: float = 0.1  # stop when more than this share of samples/shards cannot be used
 
 
 def read_index(path: str | Path) -> dict:
@@ -39,19 +43,43 @@ def read_index(path: str | Path) -> dict:
     return json.loads(index_path.read_text(encoding="utf-8"))
 
 
-class _Validated:
-    """Decode + validate raw members; count and drop bad samples (the count rides along in each sample)."""
+class DataSkipError(RuntimeError):
+    """Too many samples or shards could not be used."""
 
-    def __init__(self) -> None:
+
+class _Validated:
+    """Decode + validate raw members; count, log once and drop bad samples and unreadable shards (the count
+    rides along in each sample); fail only when the share of skipped items passes ``max_skip_ratio``."""
+
+    def __init__(self, max_skip_ratio: float, min_seen: int = 10) -> None:
         self.skipped = 0
+        self.good = 0
+        self.max_skip_ratio = max_skip_ratio
+        self.min_seen = min_seen
+
+    def shard_error(self, exn: Exception) -> bool:
+        """webdataset handler for a truncated, missing or unreadable shard: count it and go on."""
+        self._skip(f"shard error: {exn}")
+        return True
+
+    def _skip(self, what: str) -> None:
+        self.skipped += 1
+        log.warning("data: skipped %s", what)
+        seen = self.skipped + self.good
+        if seen >= self.min_seen and self.skipped / seen > self.max_skip_ratio:
+            raise DataSkipError(
+                f"{self.skipped} of {seen} samples/shards could not be used (data.max_skip_ratio="
+                f"{self.max_skip_ratio}); check the shards with `python -m data_tools verify output=...`"
+            )
 
     def __call__(self, source: Iterator[dict]) -> Iterator[dict]:
         for raw in source:
             try:
                 sample = from_members(raw)
-            except SchemaError:
-                self.skipped += 1
+            except SchemaError as err:
+                self._skip(str(err))
                 continue
+            self.good += 1
             t = sample.tensors
             yield {
                 "key": sample.key,
@@ -117,6 +145,7 @@ class WdsDataModule(L.LightningDataModule):
     def pipeline(self) -> wds.DataPipeline:
         c = self.config
         urls = self.urls()
+        validated = self.validated = _Validated(c.max_skip_ratio)  # its counts, for num_workers=0
         shards = (
             [wds.ResampledShards(urls, seed=self.seed)]
             if c.resampled
@@ -125,9 +154,9 @@ class WdsDataModule(L.LightningDataModule):
         return wds.DataPipeline(
             *shards,
             wds.split_by_worker,
-            wds.tarfile_to_samples(handler=wds.warn_and_continue),
+            wds.tarfile_to_samples(handler=validated.shard_error),
             wds.shuffle(c.shuffle_buffer, seed=self.seed) if c.shuffle_buffer > 1 else (lambda s: s),
-            _Validated(),
+            validated,
             _bucketed(c.batch_size),
         )
 

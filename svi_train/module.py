@@ -80,6 +80,7 @@ class SVILitModule(L.LightningModule):
         self.generator = torch.Generator()
         self.iteration = 0  # recycling steps taken (gates the warm-up); checkpointed
         self._last_step_end: float | None = None
+        self.nonfinite_in_row = self.nonfinite_total = 0
 
     def lora_config(self) -> LoraConfig:
         init = True if self.lora.init == "kaiming" else self.lora.init
@@ -121,21 +122,43 @@ class SVILitModule(L.LightningModule):
         t = draw.timestep.to(device)
         weight = draw.weight.to(device)
         image = batch["image"].to(device, self.dtype) if batch["image"] is not None else None
-        v_pred = self.transformer(
-            hidden_states=torch.cat([x_t, y_t], dim=1).to(self.dtype),
-            timestep=t,
-            encoder_hidden_states=batch["text"].to(device, self.dtype),
-            encoder_hidden_states_image=image,
-            return_dict=False,
-        )[0]
+        v_pred = self._predict(torch.cat([x_t, y_t], dim=1), t, batch["text"].to(device, self.dtype), image)
         per_sample = F.mse_loss(v_pred.float(), v_target.float(), reduction="none").mean(dim=(1, 2, 3, 4))
         loss = (per_sample * weight).mean()
+        bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=device)
+        if self.trainer.world_size > 1:
+            bad = self.all_gather(bad).max()  # every rank skips together, or DDP would wait forever
+        if bool(bad.max()):
+            return self._skip_nonfinite(loss)
+        self.nonfinite_in_row = 0
         t_bank = time.perf_counter()
         if cfg.enabled:
             self._update_banks(measure(v_pred, v_target, sigma), t, flags)
         self._log_step(loss, m, batch, time.perf_counter() - t_bank, time.perf_counter() - t_start, data_wait)
         self._last_step_end = time.perf_counter()  # the step's backward and optimizer run after this; close enough
         return loss
+
+    def _predict(self, latent_in: torch.Tensor, t: torch.Tensor, text: torch.Tensor, image: torch.Tensor | None):
+        return self.transformer(
+            hidden_states=latent_in.to(self.dtype),
+            timestep=t,
+            encoder_hidden_states=text,
+            encoder_hidden_states_image=image,
+            return_dict=False,
+        )[0]
+
+    def _skip_nonfinite(self, loss: torch.Tensor) -> None:
+        """No backward, no optimizer step, no bank update; too many in a row stop the run."""
+        self.nonfinite_in_row += 1
+        self.nonfinite_total += 1
+        self.log("train/nonfinite_steps", float(self.nonfinite_total))
+        if self.nonfinite_in_row >= self.optim.max_nonfinite_in_row:
+            last = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
+            raise FloatingPointError(
+                f"{self.nonfinite_in_row} non-finite losses in a row (last {float(loss)}) at step {self.global_step}; "
+                f"the last good checkpoint is {last}: resume from it with a lower optim.lr, or check the data"
+            )
+        return None
 
     def _recycled_inputs(self, x0: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor, grid: int):
         """One sample's DiT input, conditioning and target, with errors from the banks injected (on CPU)."""

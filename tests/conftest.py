@@ -67,3 +67,21 @@ def dit_inputs(spec_id: str = TINY21) -> dict:
         encoder_hidden_states_image=torch.randn(1, 1025, spec.image_dim, generator=g) if spec.image_dim else None,
         return_dict=False,
     )
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory):
+    """Tiny shards (4 synthetic clips, 9-frame windows at 48x80, motion frames 1 and 5) for training tests."""
+    from data_tools.app import run as prepare
+    from data_tools.synthetic import make_dataset
+
+    root = tmp_path_factory.mktemp("train_data")
+    make_dataset(root / "clips", num_clips=4, fps=16, size=(96, 64), seconds=1.5)
+    with initialize_config_module("conf", version_base="1.3"):
+        cfg = compose(
+            "data",
+            overrides=[f"input={root / 'clips'}", f"output={root / 'ds'}", "frames_per_clip=9", "buckets=[[48,80]]"]
+            + ["motion_frames=[1,5]", "progress=false"],
+        )
+    prepare(cfg)
+    return root / "ds"

@@ -175,6 +175,8 @@ def test_reading_checks_too():
         from_members(members)
     with pytest.raises(SchemaError, match="unreadable"):
         from_members({"__key__": "x", "json": b"{"})
+    with pytest.raises(SchemaError, match=r"\['latents.pth'\] are neither JSON nor safetensors"):
+        from_members({**to_members(_sample()), "latents.pth": b"\x80\x04K\x01."})
 
 
 def test_audio_encoder_from_a_local_folder_matches(tmp_path):

@@ -8,8 +8,6 @@ import torch
 from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException
 
-from data_tools.app import run as prepare
-from data_tools.synthetic import make_dataset
 from svi_infer.adapters import load_adapter, lora_modules
 from svi_infer.model import build_model
 from svi_infer.spec import get_spec
@@ -25,20 +23,6 @@ EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 def compose_train(overrides):
     with initialize_config_module("conf", version_base="1.3"):
         return compose("train", overrides=overrides)
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train_data")
-    make_dataset(root / "clips", num_clips=4, fps=16, size=(96, 64), seconds=1.5)
-    with initialize_config_module("conf", version_base="1.3"):
-        cfg = compose(
-            "data",
-            overrides=[f"input={root / 'clips'}", f"output={root / 'ds'}", "frames_per_clip=9", "buckets=[[48,80]]"]
-            + ["motion_frames=[1,5]", "progress=false"],
-        )
-    prepare(cfg)
-    return root / "ds"
 
 
 def _train(shards, out, *overrides):
