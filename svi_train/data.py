@@ -129,6 +129,7 @@ class WdsDataModule(L.LightningDataModule):
         super().__init__()
         self.config = config
         self.seed = seed
+        self._skip_batches = 0  # set on resume: batches of the interrupted epoch already trained on
 
     def urls(self) -> list[str]:
         index = read_index(self.config.path)
@@ -160,8 +161,32 @@ class WdsDataModule(L.LightningDataModule):
             _bucketed(c.batch_size),
         )
 
-    def train_dataloader(self) -> wds.WebLoader:
-        return wds.WebLoader(self.pipeline(), batch_size=None, num_workers=self.config.num_workers)
+    def train_dataloader(self) -> _ResumableLoader:
+        loader = wds.WebLoader(self.pipeline(), batch_size=None, num_workers=self.config.num_workers)
+        return _ResumableLoader(loader, self)
+
+    # the stream position goes into checkpoints, so a resumed run sees exactly the batches it had not seen
+    def state_dict(self) -> dict:
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"batches_into_epoch": int(progress.processed), "epoch": int(self.trainer.current_epoch)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._skip_batches = int(state.get("batches_into_epoch", 0))
+
+
+class _ResumableLoader:
+    """Iterates the loader; the first iteration after a resume skips the batches already trained on.
+    The stream's order is the same every epoch (seeded shuffle), so skipping lands on the exact next batch."""
+
+    def __init__(self, loader: wds.WebLoader, owner: WdsDataModule) -> None:
+        self.loader, self.owner = loader, owner
+
+    def __iter__(self) -> Iterator[dict]:
+        iterator = iter(self.loader)
+        skip, self.owner._skip_batches = self.owner._skip_batches, 0
+        for _ in range(skip):
+            next(iterator, None)
+        yield from iterator
 
 
 def choose_cond(

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import random
 import time
 from dataclasses import asdict
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig
@@ -211,6 +213,11 @@ class SVILitModule(L.LightningModule):
             "lora_config": json_safe(self.transformer.peft_config[self.ADAPTER].to_dict()),
             "meta": {"format": 1, **asdict(self.adapter_meta())},
         }
+        checkpoint["svi_rng"] = {
+            "python": json.dumps(random.getstate()),
+            "numpy": json.dumps(np.random.get_state(legacy=False), default=lambda a: a.tolist()),
+            "torch": torch.get_rng_state(),
+        }
         checkpoint["svi_recycling"] = {
             "iteration": self.iteration,
             "generator": self.generator.get_state(),
@@ -223,6 +230,7 @@ class SVILitModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._restored_rng = checkpoint.get("svi_rng")
         state = checkpoint.get("svi_recycling") or {}
         self.iteration = state.get("iteration", 0)
         if state.get("generator") is not None:
@@ -235,6 +243,15 @@ class SVILitModule(L.LightningModule):
         checkpoint["state_dict"] = full
 
     def on_train_start(self) -> None:
+        """Restore every random stream last, after Lightning's own start-up seeding."""
         restored = getattr(self, "_restored_generator", None)
         if restored is not None:
             self.generator.set_state(restored)
+        rng = getattr(self, "_restored_rng", None)
+        if rng:
+            python = json.loads(rng["python"])
+            random.setstate((python[0], tuple(python[1]), python[2]))
+            numpy_state = json.loads(rng["numpy"])
+            numpy_state["state"]["key"] = np.array(numpy_state["state"]["key"], dtype=np.uint32)
+            np.random.set_state(numpy_state)
+            torch.set_rng_state(rng["torch"])

@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from svi_infer.generate import GenerationSettings
@@ -34,6 +35,16 @@ def make_logger(settings: LoggerSettings, run_dir: Path, name: str):
         raise ValueError(f"logger.kind must be wandb, csv or none, got {settings.kind!r}")
     offline = settings.offline if settings.offline is not None else not os.environ.get("WANDB_API_KEY")
     return WandbLogger(project=settings.project, name=name, save_dir=str(run_dir), offline=offline)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write checkpoints to a temporary file and rename: a kill or a full disk leaves the previous one intact."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        os.replace(tmp, path)
 
 
 def run(cfg: DictConfig) -> Path:
@@ -111,6 +122,7 @@ def run(cfg: DictConfig) -> Path:
         enable_progress_bar=trainer_cfg.enable_progress_bar,
         callbacks=callbacks,
         logger=logger,
+        plugins=[] if trainer_cfg.strategy.startswith("deepspeed") else [AtomicCheckpointIO()],
         default_root_dir=str(run_dir),
     )
     trainer.fit(module, datamodule=WdsDataModule(data, seed=cfg.seed), ckpt_path=cfg.resume)
