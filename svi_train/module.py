@@ -230,6 +230,13 @@ class SVILitModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = (checkpoint.get(CHECKPOINT_KEY) or {}).get("lora_config") or {}
+        for key, ours in (("r", self.lora.rank), ("lora_alpha", self.lora.alpha)):
+            if key in saved and saved[key] != ours:
+                name = "lora.rank" if key == "r" else "lora.alpha"
+                raise ValueError(
+                    f"{name}={ours}, but the checkpoint was trained with {saved[key]}: resume with the same LoRA"
+                )
         self._restored_rng = checkpoint.get("svi_rng")
         state = checkpoint.get("svi_recycling") or {}
         self.iteration = state.get("iteration", 0)

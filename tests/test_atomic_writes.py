@@ -1,0 +1,64 @@
+"""Killed or out of disk mid-write: the previous checkpoint, adapter, sidecar or video stays intact."""
+
+import errno
+
+import pytest
+import torch
+from peft import LoraConfig
+
+import svi_infer.adapters as adapters
+from svi_infer.adapters import AdapterMeta, read_meta, save_adapter
+from svi_infer.atomic import atomic_path, write_json
+from svi_infer.model import build_model
+from svi_infer.spec import get_spec
+from svi_train.run import AtomicCheckpointIO
+from tests.conftest import TINY21
+from tests.test_train import _train
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_atomic_path_keeps_the_old_file(tmp_path):
+    target = tmp_path / "sidecar.json"
+    write_json(target, {"v": 1})
+    with pytest.raises(OSError), atomic_path(target) as tmp:
+        tmp.write_text("partial")
+        _disk_full()
+    assert target.read_text().strip().replace(" ", "").replace("\n", "") == '{"v":1}'
+    assert [p.name for p in tmp_path.iterdir()] == ["sidecar.json"]
+
+
+def test_checkpoint_write_failure_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"step": 1}, tmp_path / "last.ckpt")
+    monkeypatch.setattr(torch, "save", _disk_full)
+    with pytest.raises(OSError):
+        io.save_checkpoint({"step": 2}, tmp_path / "last.ckpt")
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True) == {"step": 1}
+
+
+def test_adapter_write_failure_keeps_the_previous_adapter(tmp_path, monkeypatch):
+    model = build_model(get_spec(TINY21))
+    model.transformers[0].add_adapter(LoraConfig(r=2, target_modules=["to_q"]))
+    save_adapter(model.transformers[0], tmp_path / "a", AdapterMeta.for_spec(model.spec, defaults={"fps": 1}))
+    monkeypatch.setattr(adapters, "save_file", _disk_full)
+    with pytest.raises(OSError):
+        save_adapter(model.transformers[0], tmp_path / "a", AdapterMeta.for_spec(model.spec, defaults={"fps": 2}))
+    assert read_meta(tmp_path / "a").defaults == {"fps": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["a"]
+
+
+def test_resume_with_another_lora_rank_fails_naming_the_key(shards, tmp_path):
+    _train(shards, tmp_path / "run")
+    with pytest.raises(ValueError, match=r"lora.rank=8, but the checkpoint was trained with 4"):
+        _train(shards, tmp_path / "run2", "lora.rank=8", f"resume={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}")
+
+
+def test_config_errors_fail_at_start_naming_the_key(shards, tmp_path):
+    with pytest.raises(ValueError, match="p_noise"):
+        _train(shards, tmp_path / "run", "recycling.p_noise=1.5")
+    with pytest.raises(FileNotFoundError, match="index.json does not exist: prepare shards"):
+        _train(tmp_path / "nowhere", tmp_path / "run")
