@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine_load import busy_cpu_s  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 LATENT_SHAPE = (16, 21, 60, 104)  # 81 frames at 480x832 through the Wan 2.1 VAE (4x temporal, 8x spatial)
 TEXT_TOKENS, TEXT_DIM = 120, 4096
@@ -46,16 +47,6 @@ CLIPS, CLIP_SECONDS, CLIP_FPS, CLIP_SIZE = 3, 11, 16, (160, 96)  # 176 frames at
 
 
 # -- machine load ----------------------------------------------------------------------------------
-def _busy_cpu_s() -> float:
-    """Non-idle CPU seconds of the whole machine since boot (from /proc/stat; 0 where unavailable)."""
-    try:
-        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    except (OSError, ValueError, IndexError):
-        return 0.0
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
 def _own_cpu_s() -> float:
     """CPU seconds of this process (all threads) and its finished children (ffmpeg)."""
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -66,11 +57,11 @@ class Load:
     """CPUs kept busy by anything but this process between ``start`` and ``stop``."""
 
     def __init__(self) -> None:
-        self.busy, self.own, self.t0 = _busy_cpu_s(), _own_cpu_s(), time.perf_counter()
+        self.busy, self.own, self.t0 = busy_cpu_s(), _own_cpu_s(), time.perf_counter()
 
     def other_cpus(self) -> float:
         wall = time.perf_counter() - self.t0
-        other = (_busy_cpu_s() - self.busy) - (_own_cpu_s() - self.own)
+        other = (busy_cpu_s() - self.busy) - (_own_cpu_s() - self.own)
         return round(max(0.0, other) / wall, 2) if wall > 0 else 0.0
 
 

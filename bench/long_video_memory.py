@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine_load import busy_cpu_s  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 SHORT, LONG = 3, 30
 MEMORY_TARGET = 1.05  # peak RSS(30 clips) / peak RSS(3 clips)
 TIME_TARGET = 1.10  # per-clip time(30 clips) / per-clip time(3 clips)
@@ -103,9 +105,9 @@ def run_child(num_clips: int) -> dict:
 def measure(num_clips: int) -> dict:
     """Run one child process for ``num_clips`` clips and parse its JSON line."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(num_clips)]
-    busy0, kids0, t0 = _busy_cpu_s(), _children_cpu_s(), time.perf_counter()
+    busy0, kids0, t0 = busy_cpu_s(), _children_cpu_s(), time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    busy1, kids1, wall = _busy_cpu_s(), _children_cpu_s(), time.perf_counter() - t0
+    busy1, kids1, wall = busy_cpu_s(), _children_cpu_s(), time.perf_counter() - t0
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stdout + proc.stderr)
@@ -114,16 +116,6 @@ def measure(num_clips: int) -> dict:
     # CPUs kept busy by anything but this child (and its ffmpeg processes) while it ran.
     figures["other_load_cpus"] = round(max(0.0, (busy1 - busy0) - (kids1 - kids0)) / wall, 2)
     return figures
-
-
-def _busy_cpu_s() -> float:
-    """Non-idle CPU seconds of the whole machine since boot (from /proc/stat; 0 where unavailable)."""
-    try:
-        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    except (OSError, ValueError, IndexError):
-        return 0.0
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # guest time is already in user/nice
 
 
 def _children_cpu_s() -> float:

@@ -23,13 +23,12 @@ with the same thread count). Ends with one line of ``name=value`` figures.
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from machine_load import busy_cpu_s  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 from svi_train.recycling import ErrorBank
 
@@ -108,16 +107,6 @@ def insert_figures(capacity: int, rounds: int, ours_per_round: int, seed: int = 
     }
 
 
-def _busy_cpu_s() -> float:
-    """Non-idle CPU seconds of the whole machine since boot (from /proc/stat; 0 where unavailable)."""
-    try:
-        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    except (OSError, ValueError, IndexError):
-        return 0.0
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
 def _own_cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -187,12 +176,12 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    t_start, busy0, own0 = time.perf_counter(), _busy_cpu_s(), _own_cpu_s()
+    t_start, busy0, own0 = time.perf_counter(), busy_cpu_s(), _own_cpu_s()
     figures: dict[str, float] = {}
     figures.update(insert_figures(args.capacity, args.rounds, args.ours_per_round))
     figures.update(step_time_figures())
     wall = time.perf_counter() - t_start
-    figures["other_load_cpus"] = max(0.0, (_busy_cpu_s() - busy0) - (_own_cpu_s() - own0)) / wall
+    figures["other_load_cpus"] = max(0.0, (busy_cpu_s() - busy0) - (_own_cpu_s() - own0)) / wall
     figures["threads"] = torch.get_num_threads()
 
     ok = figures["insert_speedup"] >= SPEEDUP_TARGET
