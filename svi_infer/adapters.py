@@ -327,16 +327,25 @@ def set_strength(model: WanModel, strength: float) -> None:
 
 
 def save_adapter(
-    transformer: nn.Module, directory: str | Path, meta: AdapterMeta, adapter_name: str = "default"
+    transformer: nn.Module,
+    directory: str | Path,
+    meta: AdapterMeta,
+    adapter_name: str = "default",
+    weights: dict[str, Tensor] | None = None,
 ) -> Path:
-    """Write an adapter directory atomically (a temporary sibling directory renamed into place)."""
+    """Write an adapter directory atomically (a temporary sibling directory renamed into place).
+
+    ``weights`` (peft keys) replaces reading them from ``transformer``, for weights gathered from shards.
+    """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         state = {
             k: v.detach().contiguous().cpu()
-            for k, v in get_peft_model_state_dict(transformer, adapter_name=adapter_name).items()
+            for k, v in (
+                get_peft_model_state_dict(transformer, adapter_name=adapter_name) if weights is None else weights
+            ).items()
         }
         save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         transformer.peft_config[adapter_name].save_pretrained(str(tmp))

@@ -11,6 +11,7 @@ from PIL import Image
 from svi_infer.adapters import save_adapter
 from svi_infer.generate import GenerationSettings, LongVideoGenerator
 from svi_infer.video_io import tensor_to_frames
+from svi_train.strategies import lora_state_dict
 
 
 class AdapterExport(L.Callback):
@@ -22,17 +23,20 @@ class AdapterExport(L.Callback):
         self.every_n_steps = every_n_steps
         self.last: Path | None = None
 
-    @rank_zero_only
-    def _export(self, module, name: str) -> None:
-        self.last = save_adapter(module.transformer, self.dirpath / name, module.adapter_meta(), module.ADAPTER)
+    def _export(self, trainer, module, name: str) -> None:
+        # every rank: ZeRO-3 and FSDP hold shards of the LoRA, gathered here (a collective); rank 0 writes
+        weights = lora_state_dict(trainer.strategy, module.transformer, module.ADAPTER, rank0_only=True)
+        if trainer.is_global_zero:
+            meta = module.adapter_meta()
+            self.last = save_adapter(module.transformer, self.dirpath / name, meta, module.ADAPTER, weights=weights)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if self.every_n_steps and step % self.every_n_steps == 0 and step > 0:
-            self._export(module, f"step_{step:06d}")
+            self._export(trainer, module, f"step_{step:06d}")
 
     def on_train_end(self, trainer, module) -> None:
-        self._export(module, "final")
+        self._export(trainer, module, "final")
 
 
 class RolloutPreview(L.Callback):

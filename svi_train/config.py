@@ -42,7 +42,7 @@ class TrainerSettings:
     accelerator: str = "auto"
     devices: str = "auto"
     num_nodes: int = 1
-    strategy: str = "auto"
+    strategy: str = "auto"  # auto | ddp | deepspeed_z2 | deepspeed_z3 | fsdp (svi_train.strategies) | a Lightning name
     precision: str = "32-true"  # "bf16-mixed" on GPUs
     max_steps: int = 1000
     gradient_clip_val: float = 1.0
@@ -50,6 +50,7 @@ class TrainerSettings:
     log_every_n_steps: int = 10
     enable_progress_bar: bool = True
     checkpoint_every_n_steps: int = 100
+    offload: bool = False  # deepspeed_z2: optimizer state to CPU; deepspeed_z3: + parameters; fsdp: parameters
 
 
 @dataclass(frozen=True)

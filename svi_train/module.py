@@ -36,6 +36,7 @@ from svi_train.recycling import (
     recycled_input_and_target,
     should_update,
 )
+from svi_train.strategies import clip_gradients, make_optimizer, unwrapped_name
 
 
 def json_safe(data: dict) -> dict:
@@ -83,6 +84,9 @@ class SVILitModule(L.LightningModule):
         self.iteration = 0  # recycling steps taken (gates the warm-up); checkpointed
         self._last_step_end: float | None = None
         self.nonfinite_in_row = self.nonfinite_total = 0
+        # checkpoints hold only the LoRA (see on_save_checkpoint; DeepSpeed's exclude_frozen_parameters): the
+        # frozen base comes from the model folder, so strategies that load weights themselves must not be strict
+        self.strict_loading = False
 
     def lora_config(self) -> LoraConfig:
         init = True if self.lora.init == "kaiming" else self.lora.init
@@ -103,7 +107,11 @@ class SVILitModule(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.transformer.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.optim.lr, betas=self.optim.betas, weight_decay=self.optim.weight_decay)
+        o = self.optim  # AdamW, or DeepSpeed's CPU AdamW under ZeRO-Offload
+        return make_optimizer(params, self.trainer.strategy, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)  # norm clipping under FSDP too
 
     # -- the step ---------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -141,15 +149,18 @@ class SVILitModule(L.LightningModule):
         return loss
 
     def _predict(self, latent_in: torch.Tensor, t: torch.Tensor, text: torch.Tensor, image: torch.Tensor | None):
+        # the DiT's compute dtype: bf16 weights under DeepSpeed bf16 and FSDP mixed precision, where self.dtype
+        # still says float32
+        dtype = self.transformer.patch_embedding.weight.dtype
         return self.transformer(
-            hidden_states=latent_in.to(self.dtype),
+            hidden_states=latent_in.to(dtype),
             timestep=t,
-            encoder_hidden_states=text,
-            encoder_hidden_states_image=image,
+            encoder_hidden_states=text.to(dtype),
+            encoder_hidden_states_image=None if image is None else image.to(dtype),
             return_dict=False,
         )[0]
 
-    def _skip_nonfinite(self, loss: torch.Tensor) -> None:
+    def _skip_nonfinite(self, loss: torch.Tensor) -> torch.Tensor | None:
         """No backward, no optimizer step, no bank update; too many in a row stop the run."""
         self.nonfinite_in_row += 1
         self.nonfinite_total += 1
@@ -160,6 +171,10 @@ class SVILitModule(L.LightningModule):
                 f"{self.nonfinite_in_row} non-finite losses in a row (last {float(loss)}) at step {self.global_step}; "
                 f"the last good checkpoint is {last}: resume from it with a lower optim.lr, or check the data"
             )
+        if self.trainer.world_size > 1:
+            # Lightning cannot skip a step on several ranks: take a zero-gradient step instead (the LoRA sees no
+            # new information; Adam's momentum and weight decay still apply). The banks are not updated.
+            return sum(p.sum() for p in self.transformer.parameters() if p.requires_grad) * 0.0
         return None
 
     def _recycled_inputs(self, x0: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor, grid: int):
@@ -226,7 +241,7 @@ class SVILitModule(L.LightningModule):
             else None,
         }
         # only the trainable (LoRA) weights: the frozen base is rebuilt from the model folder
-        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        trainable = {unwrapped_name(n) for n, p in self.named_parameters() if p.requires_grad}  # FSDP: no wrappers
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -245,15 +260,18 @@ class SVILitModule(L.LightningModule):
         if state.get("banks"):
             self.noise_errors.load_state_dict(state["banks"]["noise"])
             self.x0_errors.load_state_dict(state["banks"]["x0"])
-        full = self.state_dict()
-        full.update(checkpoint["state_dict"])
-        checkpoint["state_dict"] = full
+        if "state_dict" in checkpoint:  # absent from DeepSpeed checkpoints: the engine has loaded the weights
+            full = self.state_dict()
+            full.update(checkpoint["state_dict"])
+            checkpoint["state_dict"] = full
 
     def on_train_start(self) -> None:
         """Restore every random stream last, after Lightning's own start-up seeding."""
         restored = getattr(self, "_restored_generator", None)
-        if restored is not None:
+        if restored is not None and self.trainer.world_size == 1:
             self.generator.set_state(restored)
+        elif restored is not None:  # the checkpoint holds rank 0's stream: a fresh one per rank, not rank 0's
+            self.generator.manual_seed(self.seed * 100_003 + self.global_rank + 7_919 * (self.global_step + 1))
         rng = getattr(self, "_restored_rng", None)
         if rng:
             python = json.loads(rng["python"])

@@ -18,6 +18,7 @@ from svi_train.config import CallbackSettings, LoggerSettings, LoraSettings, Opt
 from svi_train.data import DataConfig, WdsDataModule, read_index
 from svi_train.module import SVILitModule
 from svi_train.recycling import RecyclingConfig
+from svi_train.strategies import make_strategy
 
 
 def _typed(cls, node):
@@ -88,6 +89,11 @@ def run(cfg: DictConfig) -> Path:
         callbacks.append(LearningRateMonitor(logging_interval="step"))  # logged as lr-AdamW
     if trainer_cfg.enable_progress_bar:
         callbacks.append(RichProgressBar())
+    if callbacks_cfg.preview_every_n_steps and trainer_cfg.strategy in ("deepspeed_z3", "fsdp"):
+        raise ValueError(
+            f"callbacks.preview_every_n_steps: previews run the DiT on rank 0 alone, which trainer.strategy="
+            f"{trainer_cfg.strategy} shards across ranks (it hangs or fails); set callbacks.preview_every_n_steps=0"
+        )
     if callbacks_cfg.preview_every_n_steps:
         frames = callbacks_cfg.preview_frames or index["frames_per_clip"]
         settings = GenerationSettings(
@@ -113,7 +119,7 @@ def run(cfg: DictConfig) -> Path:
         accelerator=trainer_cfg.accelerator,
         devices=trainer_cfg.devices,
         num_nodes=trainer_cfg.num_nodes,
-        strategy=trainer_cfg.strategy,
+        strategy=make_strategy(trainer_cfg.strategy, trainer_cfg.accelerator, offload=trainer_cfg.offload),
         precision=trainer_cfg.precision,
         max_steps=trainer_cfg.max_steps,
         gradient_clip_val=trainer_cfg.gradient_clip_val,

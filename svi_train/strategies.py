@@ -15,14 +15,13 @@ import importlib
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from lightning import LightningModule
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, Strategy
-from torch import nn
-
-STRATEGIES = ("auto", "ddp", "deepspeed_z2", "deepspeed_z3", "fsdp")
+from torch import Tensor, nn
 
 
 class CPUDeepSpeedStrategy(DeepSpeedStrategy):
@@ -83,6 +82,40 @@ class CPUFSDPStrategy(FSDPStrategy):
             )
         _setup_activation_checkpointing(model, self._activation_checkpointing_kwargs)
         return model
+
+    # Full-state-dict checkpoints: Lightning asks FSDP to offload the gathered weights to the CPU, which on the
+    # CPU is a no-op copy whose storage FSDP then frees (FlatParamHandle.to_cpu), and reading it segfaults.
+    def _full_state_dict(self):
+        from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        return FSDP.state_dict_type(
+            self.model,
+            StateDictType.FULL_STATE_DICT,
+            FullStateDictConfig(offload_to_cpu=False, rank0_only=True),
+            FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=True),
+        )
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        if self._state_dict_type != "full":
+            return super().lightning_module_state_dict()
+        with self._full_state_dict():
+            return self.model.state_dict()
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
+        if self._state_dict_type != "full":
+            return super().optimizer_state(optimizer)
+        from lightning.pytorch.core.optimizer import LightningOptimizer
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp import OptimStateKeyType
+
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer._optimizer
+        with self._full_state_dict():
+            state = FSDP.optim_state_dict(self.model, optimizer)
+            if self.global_rank == 0:  # Lightning's layout: keyed by parameter index
+                state = FSDP.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_ID, self.model)
+            return state
 
 
 def on_cpu(accelerator: str) -> bool:
@@ -165,13 +198,8 @@ def clip_gradients(module: LightningModule, optimizer: torch.optim.Optimizer, cl
 
 
 @contextmanager
-def full_weights(strategy: Strategy, module: nn.Module, rank0_only: bool = False) -> Iterator[None]:
-    """Inside the block, ``module``'s trainable parameters hold their full values (ZeRO-3 and FSDP keep only a
-    shard per rank), e.g. to export the LoRA. A collective: every rank must enter it.
-
-    Args:
-        rank0_only: FSDP only; the other ranks skip materialising the full weights (for a rank-0 export).
-    """
+def _full_weights(strategy: Strategy, module: nn.Module, rank0_only: bool) -> Iterator[None]:
+    """Inside the block ``module``'s trainable parameters hold their full values; a collective."""
     if isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
         import deepspeed
 
@@ -180,10 +208,48 @@ def full_weights(strategy: Strategy, module: nn.Module, rank0_only: bool = False
     elif isinstance(strategy, FSDPStrategy):
         from torch.distributed.fsdp import FullyShardedDataParallel
 
-        offload = strategy.root_device.type != "cpu"
+        # FSDP's flat parameters mix the LoRA with the frozen weights of a block: the whole model is unsharded
+        # (on GPUs for rank 0 only, into CPU memory, when rank0_only)
+        offload = rank0_only and strategy.root_device.type != "cpu"
         with FullyShardedDataParallel.summon_full_params(
-            strategy.model, writeback=False, rank0_only=rank0_only, offload_to_cpu=offload and rank0_only
+            strategy.model, writeback=False, rank0_only=rank0_only, offload_to_cpu=offload
         ):
             yield
     else:
         yield
+
+
+_WRAPPERS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def unwrapped_name(name: str) -> str:
+    """A parameter name without FSDP's and activation checkpointing's wrapper segments: the name the module has
+    in state dicts and checkpoints (``named_parameters()`` under FSDP includes the wrappers)."""
+    for wrapper in _WRAPPERS:
+        name = name.replace(wrapper, "")
+    return name
+
+
+def lora_state_dict(
+    strategy: Strategy, transformer: nn.Module, adapter_name: str = "default", rank0_only: bool = False
+) -> dict[str, Tensor]:
+    """The adapter's full weights on the CPU, keyed like peft's ``get_peft_model_state_dict``
+    (``blocks.0.attn1.to_q.lora_A.weight``), under any strategy.
+
+    A collective: every rank must call it. ZeRO-3 and FSDP keep only a shard of each weight per rank, so they
+    are gathered first; the parameters are read directly because ``state_dict()`` under FSDP is itself a
+    collective (called on rank 0 alone it hangs the job).
+
+    Args:
+        rank0_only: the other ranks get ``{}`` (with FSDP they then skip materialising the full model).
+    """
+    rank = strategy.global_rank
+    with _full_weights(strategy, transformer, rank0_only):
+        if rank0_only and rank != 0:
+            return {}
+        weights = {}
+        for name, param in transformer.named_parameters():
+            if ".lora_" not in name or f".{adapter_name}." not in name:
+                continue
+            weights[unwrapped_name(name).replace(f".{adapter_name}.", ".")] = param.detach().to("cpu", copy=True)
+        return weights

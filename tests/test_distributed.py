@@ -1,0 +1,196 @@
+"""Two-rank training on CPU processes (gloo) under DDP, DeepSpeed ZeRO-2/3 and FSDP, through svi_train.run.
+
+Each case runs tests/distributed_train.py in a subprocess (never Lightning's launcher inside pytest: it would
+re-run pytest for rank 1) with a cleaned environment and a free port, then checks what every rank reported:
+the LoRA is the same on both ranks and has moved; during the warm-up each rank's banks took both ranks' errors;
+the exported adapter holds exactly the trained weights and loads in svi_infer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file
+
+from svi_infer.adapters import load_adapter
+from svi_infer.model import build_model
+from svi_infer.spec import get_spec
+from tests.conftest import TINY21
+
+SCRIPT = Path(__file__).with_name("distributed_train.py")
+WORLD, STEPS = 2, 3
+TIMEOUT_S = 240
+LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env() -> dict[str, str]:
+    """No launcher state from this process (or a cluster) may leak into the ranks."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in LAUNCH_ENV and not k.startswith(("SLURM_", "TORCHELASTIC_", "PL_", "GROUP_"))
+    }
+    env.update(MASTER_PORT=str(free_port()), DS_SKIP_SHM="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
+    env.update(OMP_NUM_THREADS="1")  # two ranks on a 2-core machine
+    return env
+
+
+def train(strategy: str, shards: Path, out: Path, offload: bool = False) -> list[dict]:
+    """Run the two ranks; kill their whole process group whatever happens, so nothing is left behind."""
+    log = out / "train.log"
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(SCRIPT), strategy, str(shards), str(out), f"--devices={WORLD}", f"--steps={STEPS}"]
+    cmd += ["--offload"] if offload else []
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(
+            cmd, env=clean_env(), cwd=SCRIPT.parents[1], stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            rc = proc.wait(timeout=TIMEOUT_S)
+            for _ in range(50):  # rank 0 can exit first: give the other ranks 10 s to finish on their own
+                os.killpg(proc.pid, 0)
+                time.sleep(0.2)
+        except (subprocess.TimeoutExpired, ProcessLookupError) as err:
+            rc = None if isinstance(err, subprocess.TimeoutExpired) else proc.returncode
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # the ranks ignore SIGTERM while blocked in a collective
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
+    assert rc == 0, f"{strategy}: {'timed out' if rc is None else f'exit code {rc}'}\n{tail}"
+    reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    stand_ins = reports[0]["stand_ins"]
+    if stand_ins:
+        print(f"{strategy}: distributed_train.py stood in for {stand_ins}")
+    return reports
+
+
+def loaded_lora(path: Path) -> dict[str, torch.Tensor]:
+    """Load an adapter as svi_infer does; return what ended up in the transformer."""
+    model = build_model(get_spec(TINY21))
+    load_adapter(model, path, adapter_name="check")
+    return get_peft_model_state_dict(model.transformers[0], adapter_name="check")
+
+
+def assert_same_weights(path: Path, trained: dict[str, torch.Tensor]) -> None:
+    loaded = loaded_lora(path)
+    missing = sorted(set(trained) - set(loaded))
+    assert not missing, f"{path}: {len(missing)} trained tensors did not load, e.g. {missing[:3]}"
+    for key, value in trained.items():
+        assert torch.equal(loaded[key].float(), value.float()), f"{path}: {key} differs from the trained weight"
+
+
+CASES = {  # case: (trainer config, offload, strategy class, optimizer class)
+    "ddp": ("ddp", False, "DDPStrategy", "AdamW"),
+    "deepspeed_z2": ("deepspeed_z2", False, "CPUDeepSpeedStrategy", "AdamW"),
+    "deepspeed_z3": ("deepspeed_z3", False, "CPUDeepSpeedStrategy", "AdamW"),
+    # optimizer state and parameters offloaded; DeepSpeed's CPU Adam is JIT-compiled on first use (~1 min, cached)
+    "deepspeed_z3_offload": ("deepspeed_z3", True, "CPUDeepSpeedStrategy", "DeepSpeedCPUAdam"),
+    "fsdp": ("fsdp", False, "CPUFSDPStrategy", "AdamW"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_ranks_train_share_errors_and_export(case, shards, tmp_path):
+    strategy, offload, strategy_class, optimizer_class = CASES[case]
+    reports = train(strategy, shards, tmp_path, offload)
+    r0, r1 = reports
+    for r in reports:
+        facts = (r["strategy"], r["optimizer"], r["world_size"], r["global_step"], r["iteration"])
+        assert facts == (strategy_class, optimizer_class, WORLD, STEPS, STEPS)
+
+    # the LoRA: every tensor, full-size, identical on both ranks and moved by training
+    assert sorted(r0["lora"]) == r0["initial_keys"] and len(r0["lora"]) == 40
+    assert r0["lora"] == r1["lora"], "the ranks ended with different LoRA weights"
+    assert all(r0["lora_shapes"][k][0] > 0 for k in r0["lora"])
+    for r in reports:
+        assert all(r["lora_changed"].values()), f"rank {r['rank']}: some LoRA tensors never moved"
+
+    assert r0["generator"] != r1["generator"], "the ranks drew from the same random stream"
+
+    # warm-up: each rank inserted every rank's errors (STEPS steps x WORLD ranks x batch 1), so both banks agree
+    for name in ("noise", "x0"):
+        for r in reports:
+            assert r["bank_inserts"][name] == WORLD * STEPS, (name, r["rank"], r["bank_inserts"])
+        assert r0["bank_norms"][name] == r1["bank_norms"][name], f"{name} banks differ between the ranks"
+        assert len(set(r0["bank_norms"][name])) == WORLD * STEPS, "the banks hold duplicated, not shared, errors"
+
+    # exports: rank 0's adapter directory, and for DeepSpeed the CLI conversion of the checkpoint directory
+    trained = load_file(str(tmp_path / "lora_rank0.safetensors"))
+    assert_same_weights(tmp_path / "run" / "adapters" / "final", trained)
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    if strategy.startswith("deepspeed"):
+        from svi_train.export import main as export_cli
+
+        for states in (checkpoint / "checkpoint").glob("*model_states.pt"):  # the frozen base is left out
+            module = torch.load(states, map_location="cpu", weights_only=False)["module"]
+            assert len(module) == 40 and all(".lora_" in k for k in module), (states.name, list(module)[:3])
+
+        export_cli([str(checkpoint), "--format", "peft", "--output", str(tmp_path / "exported")])
+        assert_same_weights(tmp_path / "exported", trained)
+    else:
+        from svi_train.export import export
+
+        assert_same_weights(export(checkpoint, "peft", tmp_path / "exported"), trained)
+
+
+# -- fast: the name -> strategy mapping and the trainer configs, no process group --------------------------------
+@pytest.mark.parametrize("name", ["cpu", "ddp", "deepspeed_z2", "deepspeed_z3", "fsdp"])
+def test_trainer_configs_compose(name):
+    from svi_train.config import register
+
+    register()
+    with initialize_config_module("conf", version_base="1.3"):
+        cfg = compose("train", overrides=["+experiment=tiny", f"trainer={name}"])
+    assert cfg.trainer.strategy == ("auto" if name == "cpu" else name)
+    assert cfg.trainer.accelerator == "cpu"  # the tiny experiment keeps its CPU
+
+
+def test_make_strategy_maps_names_to_strategies():
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
+
+    from svi_train.strategies import (
+        CPUDeepSpeedStrategy,
+        CPUFSDPStrategy,
+        make_optimizer,
+        make_strategy,
+        unwrapped_name,
+        uses_cpu_adam,
+    )
+
+    assert make_strategy("auto", "cpu") == "auto"
+    assert make_strategy("ddp_spawn", "cpu") == "ddp_spawn"  # Lightning's own names pass through
+    assert type(make_strategy("ddp", "cpu")) is DDPStrategy
+    z2, z3 = make_strategy("deepspeed_z2", "cpu"), make_strategy("deepspeed_z3", "cpu", offload=True)
+    assert type(z2) is CPUDeepSpeedStrategy and z2.config["zero_optimization"]["stage"] == 2
+    assert z3.config["zero_optimization"]["stage"] == 3 and "offload_param" in z3.config["zero_optimization"]
+    assert z2.exclude_frozen_parameters and not uses_cpu_adam(z2) and uses_cpu_adam(z3)
+    assert type(make_strategy("deepspeed_z2", "gpu")) is DeepSpeedStrategy
+    fsdp = make_strategy("fsdp", "cpu")
+    assert type(fsdp) is CPUFSDPStrategy and "auto_wrap_policy" in fsdp.kwargs
+    assert type(make_strategy("fsdp", "gpu")) is FSDPStrategy
+    with pytest.raises(ValueError, match="offload"):
+        make_strategy("ddp", "cpu", offload=True)
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    assert type(make_optimizer(params, z2, lr=1e-4, betas=(0.9, 0.999), weight_decay=0.01)) is torch.optim.AdamW
+    name = "transformer.blocks.0._fsdp_wrapped_module.attn1.to_q.lora_A.default.weight"
+    assert unwrapped_name(name) == "transformer.blocks.0.attn1.to_q.lora_A.default.weight"
