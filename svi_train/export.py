@@ -100,12 +100,11 @@ def export(source: str | Path, fmt: str, output: str | Path) -> Path:
             LoraConfig(**{k: v for k, v in config.items() if k in LoraConfig.__dataclass_fields__}).save_pretrained(
                 str(tmp)
             )
-            (tmp / SVI_META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         else:
             WanImageToVideoPipeline.save_lora_weights(
                 str(tmp), transformer_lora_layers=weights, transformer_lora_adapter_metadata=config
             )
-            (tmp / SVI_META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        (tmp / SVI_META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         shutil.rmtree(output, ignore_errors=True)
         tmp.rename(output)
     finally:

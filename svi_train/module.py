@@ -131,8 +131,8 @@ class SVILitModule(L.LightningModule):
         sigma = draw.sigma.to(device).view(-1, 1, 1, 1, 1)
         t = draw.timestep.to(device)
         weight = draw.weight.to(device)
-        image = batch["image"].to(device, self.dtype) if batch["image"] is not None else None
-        v_pred = self._predict(torch.cat([x_t, y_t], dim=1), t, batch["text"].to(device, self.dtype), image)
+        image = batch["image"].to(device) if batch["image"] is not None else None
+        v_pred = self._predict(torch.cat([x_t, y_t], dim=1), t, batch["text"].to(device), image)
         per_sample = F.mse_loss(v_pred.float(), v_target.float(), reduction="none").mean(dim=(1, 2, 3, 4))
         loss = (per_sample * weight).mean()
         bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=device)
