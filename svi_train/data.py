@@ -148,7 +148,7 @@ class WdsDataModule(L.LightningDataModule):
         urls = self.urls()
         validated = self.validated = _Validated(c.max_skip_ratio)  # its counts, for num_workers=0
         shards = (
-            [wds.ResampledShards(urls, seed=self.seed)]
+            [wds.ResampledShards(urls, seed=self.seed, deterministic=True)]  # per rank and worker: resumable
             if c.resampled
             else [wds.SimpleShardList(urls), wds.split_by_node]
         )

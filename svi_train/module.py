@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import random
 import time
+import warnings
 from dataclasses import asdict
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 from peft import LoraConfig
 
 from svi_infer.adapters import AdapterMeta
+from svi_infer.atomic import write_with
 from svi_infer.conditioning import first_frames_mask, with_mask
 from svi_infer.flow import add_noise, velocity_target
 from svi_infer.model import build_model
@@ -171,11 +174,38 @@ class SVILitModule(L.LightningModule):
                 f"{self.nonfinite_in_row} non-finite losses in a row (last {float(loss)}) at step {self.global_step}; "
                 f"the last good checkpoint is {last}: resume from it with a lower optim.lr, or check the data"
             )
-        if self.trainer.world_size > 1:
-            # Lightning cannot skip a step on several ranks: take a zero-gradient step instead (the LoRA sees no
-            # new information; Adam's momentum and weight decay still apply). The banks are not updated.
+        if self.trainer.world_size > 1:  # Lightning cannot skip a step on several ranks: make it a no-op
+            self._hold_optimizer()
             return sum(p.sum() for p in self.transformer.parameters() if p.requires_grad) * 0.0
         return None
+
+    def _hold_optimizer(self) -> None:
+        """Every rank must still run the step (its collectives), so it must change nothing: lr 0 leaves the
+        weights as they are (AdamW scales its weight decay by lr too), and right after the update the moments,
+        step counts and lr are put back. Works under DeepSpeed's and Lightning's optimizer wrappers."""
+        base = self.optimizers()
+        while hasattr(base, "optimizer"):
+            base = base.optimizer
+        saved = {p: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()} for p, s in base.state.items()}
+        lrs = [group["lr"] for group in base.param_groups]
+        for group in base.param_groups:
+            group["lr"] = 0.0
+
+        def put_back(optimizer, args, kwargs) -> None:
+            handle.remove()
+            for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+                group["lr"] = lr
+            for param in list(optimizer.state):
+                if param not in saved:  # state the held step created (on the first step)
+                    del optimizer.state[param]
+            for param, state in saved.items():
+                for key, value in state.items():
+                    if torch.is_tensor(value):
+                        optimizer.state[param][key].copy_(value)
+                    else:
+                        optimizer.state[param][key] = value
+
+        handle = base.register_step_post_hook(put_back)
 
     def _recycled_inputs(self, x0: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor, grid: int):
         """One sample's DiT input, conditioning and target, with errors from the banks injected (on CPU)."""
@@ -228,18 +258,12 @@ class SVILitModule(L.LightningModule):
             "lora_config": json_safe(self.transformer.peft_config[self.ADAPTER].to_dict()),
             "meta": {"format": 1, **asdict(self.adapter_meta())},
         }
-        checkpoint["svi_rng"] = {
-            "python": json.dumps(random.getstate()),
-            "numpy": json.dumps(np.random.get_state(legacy=False), default=lambda a: a.tolist()),
-            "torch": torch.get_rng_state(),
-        }
-        checkpoint["svi_recycling"] = {
-            "iteration": self.iteration,
-            "generator": self.generator.get_state(),
-            "banks": {"noise": self.noise_errors.state_dict(), "x0": self.x0_errors.state_dict()}
-            if self.save_banks
-            else None,
-        }
+        state = self._rank_state()
+        checkpoint["svi_rng"], checkpoint["svi_recycling"] = state["svi_rng"], state["svi_recycling"]
+        checkpoint["svi_recycling"]["world_size"] = self.trainer.world_size
+        if self.trainer.world_size > 1 and self.global_rank > 0:  # rank 0's state is the checkpoint's own
+            target = rank_state_path(self._checkpoint_dir(), checkpoint["global_step"], self.global_rank)
+            write_with(target, lambda tmp: torch.save(state, tmp))
         # only the trainable (LoRA) weights: the frozen base is rebuilt from the model folder
         trainable = {unwrapped_name(n) for n, p in self.named_parameters() if p.requires_grad}  # FSDP: no wrappers
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
@@ -252,14 +276,15 @@ class SVILitModule(L.LightningModule):
                 raise ValueError(
                     f"{name}={ours}, but the checkpoint was trained with {saved[key]}: resume with the same LoRA"
                 )
-        self._restored_rng = checkpoint.get("svi_rng")
-        state = checkpoint.get("svi_recycling") or {}
-        self.iteration = state.get("iteration", 0)
-        if state.get("generator") is not None:
-            self._restored_generator = state["generator"]
-        if state.get("banks"):
-            self.noise_errors.load_state_dict(state["banks"]["noise"])
-            self.x0_errors.load_state_dict(state["banks"]["x0"])
+        state = {"svi_rng": checkpoint.get("svi_rng"), "svi_recycling": checkpoint.get("svi_recycling") or {}}
+        self.iteration = state["svi_recycling"].get("iteration", 0)
+        if self.trainer.world_size > 1 and self.global_rank > 0:
+            state = self._load_rank_state(checkpoint)
+        self._restored_rng, recycling = state["svi_rng"], state["svi_recycling"]
+        self._restored_generator = recycling.get("generator")
+        if recycling.get("banks"):
+            self.noise_errors.load_state_dict(recycling["banks"]["noise"])
+            self.x0_errors.load_state_dict(recycling["banks"]["x0"])
         if "state_dict" in checkpoint:  # absent from DeepSpeed checkpoints: the engine has loaded the weights
             full = self.state_dict()
             full.update(checkpoint["state_dict"])
@@ -268,15 +293,69 @@ class SVILitModule(L.LightningModule):
     def on_train_start(self) -> None:
         """Restore every random stream last, after Lightning's own start-up seeding."""
         restored = getattr(self, "_restored_generator", None)
-        if restored is not None and self.trainer.world_size == 1:
+        if restored is not None:
             self.generator.set_state(restored)
-        elif restored is not None:  # the checkpoint holds rank 0's stream: a fresh one per rank, not rank 0's
+        elif getattr(self, "_restored_rng", None) is None and self.global_step > 0:  # this rank's state was lost
             self.generator.manual_seed(self.seed * 100_003 + self.global_rank + 7_919 * (self.global_step + 1))
-        rng = getattr(self, "_restored_rng", None)
-        if rng:
-            python = json.loads(rng["python"])
-            random.setstate((python[0], tuple(python[1]), python[2]))
-            numpy_state = json.loads(rng["numpy"])
-            numpy_state["state"]["key"] = np.array(numpy_state["state"]["key"], dtype=np.uint32)
-            np.random.set_state(numpy_state)
-            torch.set_rng_state(rng["torch"])
+        if getattr(self, "_restored_rng", None):
+            set_random_state(self._restored_rng)
+
+    def _rank_state(self) -> dict:
+        """This rank's random streams, banks and warm-up counter (rank 0's go into the checkpoint itself)."""
+        banks = {"noise": self.noise_errors.state_dict(), "x0": self.x0_errors.state_dict()}
+        return {
+            "svi_rng": random_state(),
+            "svi_recycling": {
+                "iteration": self.iteration,
+                "generator": self.generator.get_state(),
+                "banks": banks if self.save_banks else None,
+            },
+        }
+
+    def _checkpoint_dir(self) -> Path:
+        callback = self.trainer.checkpoint_callback
+        dirpath = getattr(callback, "dirpath", None)
+        return Path(dirpath) if dirpath else Path(self.trainer.default_root_dir) / "checkpoints"
+
+    def _load_rank_state(self, checkpoint: dict) -> dict:
+        """Ranks > 0 read their own state file; without it (lost, or another world size) they start fresh
+        streams and rank 0's banks, and the resume is no longer bit-identical: said once, on every such rank."""
+        saved_world = (checkpoint.get("svi_recycling") or {}).get("world_size")
+        path = rank_state_path(Path(self.trainer.ckpt_path).parent, checkpoint["global_step"], self.global_rank)
+        if saved_world == self.trainer.world_size and path.is_file():
+            return torch.load(path, map_location="cpu", weights_only=True)
+        why = f"{path} is missing" if saved_world == self.trainer.world_size else f"it ran on {saved_world} ranks"
+        warnings.warn(
+            f"rank {self.global_rank}: resuming without this rank's own random streams and banks ({why}); "
+            "training continues, but not bit-identically to an uninterrupted run",
+            stacklevel=2,
+        )
+        recycling = dict(checkpoint.get("svi_recycling") or {}, generator=None)
+        return {"svi_rng": None, "svi_recycling": recycling}
+
+
+def rank_state_path(checkpoint_dir: Path, global_step: int, rank: int) -> Path:
+    """Where rank ``rank`` keeps its state for the checkpoint of ``global_step`` (beside the checkpoints)."""
+    return checkpoint_dir / "rank_states" / f"step{global_step:09d}-rank{rank}.pt"
+
+
+def random_state() -> dict:
+    """Python, numpy, torch (and CUDA) RNG states as plain data, loadable with ``weights_only=True``."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return {
+        "python": json.dumps(random.getstate()),
+        "numpy": json.dumps(np.random.get_state(legacy=False), default=lambda a: a.tolist()),
+        "torch": torch.get_rng_state(),
+        "cuda": cuda,
+    }
+
+
+def set_random_state(state: dict) -> None:
+    python = json.loads(state["python"])
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    numpy_state = json.loads(state["numpy"])
+    numpy_state["state"]["key"] = np.array(numpy_state["state"]["key"], dtype=np.uint32)
+    np.random.set_state(numpy_state)
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -79,6 +79,8 @@ def run(cfg: DictConfig) -> Path:
         export,
         ModelCheckpoint(
             dirpath=run_dir / "checkpoints",
+            filename="step{step:09d}",  # no '=' in the name: it can be passed as a Hydra override unquoted
+            auto_insert_metric_name=False,
             every_n_train_steps=trainer_cfg.checkpoint_every_n_steps,
             save_last=True,
             save_top_k=-1,

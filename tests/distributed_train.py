@@ -1,15 +1,13 @@
 """A few tiny-model training steps under one distributed strategy; run by tests/test_distributed.py.
 
     python tests/distributed_train.py STRATEGY SHARDS OUT [--devices 2] [--steps 3] [--offload] [--precision P]
-        [HYDRA_OVERRIDE ...]
+        [--kill-at K] [HYDRA_OVERRIDE ...]
 
 Lightning re-executes this script for every rank but the first, so never run it in-process under pytest. The
 run goes through ``svi_train.run.run`` with ``trainer=STRATEGY``; the Trainer it builds gets one more callback,
-which writes ``OUT/rank{N}.json`` (and rank 0's LoRA weights) for the test to compare.
-
-Until svi_train adopts ``svi_train.strategies`` (run.py building the strategy object; the module's optimizer,
-gradient clipping and checkpoint filter; AdapterExport gathering sharded weights), this script stands in for
-those changes, each only where the code still lacks it; ``OUT/rank{N}.json`` lists them under ``"stand_ins"``.
+which writes ``OUT/rank{N}.json`` (and rank 0's LoRA weights) for the test to compare. ``--kill-at K`` kills
+every rank with SIGKILL once the step-K checkpoint is written (the resume test); ``--nan-at K`` makes rank 1's
+loss non-finite at step K and records the LoRA and optimizer state after every step.
 """
 
 from __future__ import annotations
@@ -18,6 +16,7 @@ import argparse
 import hashlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -31,37 +30,80 @@ from hydra import compose, initialize_config_module  # noqa: E402
 from peft.utils import get_peft_model_state_dict  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-import svi_infer.adapters as adapters_module  # noqa: E402
-import svi_train.callbacks as callbacks_module  # noqa: E402
-import svi_train.module as module_module  # noqa: E402
 import svi_train.run as run_module  # noqa: E402
-from svi_infer.adapters import save_adapter  # noqa: E402
-from svi_train.config import TrainerSettings, register  # noqa: E402
-from svi_train.strategies import (  # noqa: E402
-    clip_gradients,
-    lora_state_dict,
-    make_optimizer,
-    make_strategy,
-    unwrapped_name,
-)
-
-STAND_INS: list[str] = []
+from svi_train.config import register  # noqa: E402
+from svi_train.strategies import lora_state_dict  # noqa: E402
 
 
 def digest(tensor: torch.Tensor) -> str:
     return hashlib.sha256(tensor.float().numpy().tobytes()).hexdigest()[:16]
 
 
+def _tensors(state) -> list[torch.Tensor]:
+    """Every tensor in a (nested) bank state dict, in a fixed order."""
+    if isinstance(state, torch.Tensor):
+        return [state]
+    if isinstance(state, dict):
+        return [t for key in sorted(state) for t in _tensors(state[key])]
+    if isinstance(state, (list, tuple)):
+        return [t for item in state for t in _tensors(item)]
+    return [torch.tensor([float(state)])] if isinstance(state, (int, float)) and state is not None else []
+
+
+class KillAt(L.Callback):
+    """Die at once, every rank (the launcher's whole process group), after the step-K checkpoint."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and trainer.is_global_zero:
+            os.killpg(os.getpgid(0), signal.SIGKILL)
+
+
+class NanAt(L.Callback):
+    """Make one rank's prediction non-finite at one step, so that every rank must skip that step together."""
+
+    def __init__(self, step: int, rank: int) -> None:
+        self.step, self.rank = step, rank
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if trainer.global_rank != self.rank:
+            return
+        predict = type(module)._predict
+        hit = trainer.global_step + 1 == self.step
+        module._predict = (lambda *a: predict(module, *a) * float("nan")) if hit else (lambda *a: predict(module, *a))
+
+
+def optimizer_digest(trainer) -> str:
+    base = trainer.optimizers[0]
+    while hasattr(base, "optimizer"):
+        base = base.optimizer
+    tensors = [v.flatten().float() for state in base.state.values() for v in state.values() if torch.is_tensor(v)]
+    steps = [float(v) for state in base.state.values() for k, v in state.items() if k == "step"]
+    return digest(torch.cat([*tensors, torch.tensor(steps)])) if tensors else "empty"
+
+
 class Report(L.Callback):
     """Per-rank facts after training: LoRA digests (of the full weights, gathered where sharded) and banks."""
 
-    def __init__(self, out: Path) -> None:
-        self.out = out
+    def __init__(self, out: Path, per_step: bool = False) -> None:
+        self.out, self.per_step, self.steps = out, per_step, {}
         self.initial: dict[str, torch.Tensor] = {}
+        self.losses: dict[int, float] = {}  # global step after the update -> this rank's loss
 
     def setup(self, trainer, module, stage) -> None:  # before the strategy wraps or shards the model
         state = get_peft_model_state_dict(module.transformer, adapter_name=module.ADAPTER)
         self.initial = {k: v.detach().clone() for k, v in state.items()}
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.losses[trainer.global_step] = float(outputs["loss"])
+        if self.per_step:  # after the module's own hook (it puts back a held optimizer first)
+            lora = lora_state_dict(trainer.strategy, module.transformer, module.ADAPTER)  # a collective
+            self.steps[trainer.global_step] = {
+                "lora": digest(torch.cat([v.flatten().float() for _, v in sorted(lora.items())])),
+                "optimizer": optimizer_digest(trainer),
+            }
 
     def on_train_end(self, trainer, module) -> None:
         final = lora_state_dict(trainer.strategy, module.transformer, module.ADAPTER)  # a collective
@@ -74,7 +116,8 @@ class Report(L.Callback):
             "iteration": module.iteration,
             "strategy": type(trainer.strategy).__name__,
             "optimizer": type(getattr(trainer.optimizers[0], "optimizer", trainer.optimizers[0])).__name__,
-            "stand_ins": STAND_INS,
+            "losses": self.losses,
+            "steps": self.steps,
             "lora": {k: digest(v) for k, v in final.items()},
             "lora_shapes": {k: list(v.shape) for k, v in final.items()},
             "initial_keys": sorted(self.initial),
@@ -82,73 +125,11 @@ class Report(L.Callback):
             "generator": digest(module.generator.get_state()),
             "bank_inserts": {name: bank["inserts"] for name, bank in banks.items()},
             "bank_norms": {name: sorted(n for norms in bank["norms"] for n in norms) for name, bank in banks.items()},
+            "banks": {name: digest(torch.cat([t.flatten().float() for t in _tensors(b)])) for name, b in banks.items()},
         }
         if rank == 0:
             save_file({k: v.contiguous() for k, v in final.items()}, str(self.out / "lora_rank0.safetensors"))
         (self.out / f"rank{rank}.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
-
-
-def stand_in_for_missing_changes(offload: bool) -> None:
-    """Apply the proposed svi_train changes that the code does not have yet (each is named in STAND_INS)."""
-    module_cls = module_module.SVILitModule
-    if not hasattr(module_module, "make_optimizer"):
-        STAND_INS.append("module.configure_optimizers")
-
-        def configure_optimizers(self):
-            params = [p for p in self.transformer.parameters() if p.requires_grad]
-            o = self.optim
-            return make_optimizer(params, self.trainer.strategy, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
-
-        module_cls.configure_optimizers = configure_optimizers
-    if module_cls.configure_gradient_clipping is L.LightningModule.configure_gradient_clipping:
-        STAND_INS.append("module.configure_gradient_clipping")
-
-        def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-            clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
-
-        module_cls.configure_gradient_clipping = configure_gradient_clipping
-    if not hasattr(callbacks_module, "lora_state_dict"):
-        STAND_INS.append("callbacks.AdapterExport")
-
-        def export_on_all_ranks(self, trainer, module, name: str) -> None:
-            weights = lora_state_dict(trainer.strategy, module.transformer, module.ADAPTER, rank0_only=True)
-            if not trainer.is_global_zero:
-                return
-            # save_adapter reads the weights with get_peft_model_state_dict: empty shards under ZeRO-3, and under
-            # FSDP a collective that hangs on rank 0 alone; it gets the gathered weights instead
-            read = adapters_module.get_peft_model_state_dict
-            adapters_module.get_peft_model_state_dict = lambda *args, **kwargs: weights
-            try:
-                self.last = save_adapter(module.transformer, self.dirpath / name, module.adapter_meta(), module.ADAPTER)
-            finally:
-                adapters_module.get_peft_model_state_dict = read
-
-        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-            step = trainer.global_step
-            if self.every_n_steps and step % self.every_n_steps == 0 and step > 0:
-                export_on_all_ranks(self, trainer, module, f"step_{step:06d}")
-
-        def on_train_end(self, trainer, module) -> None:
-            export_on_all_ranks(self, trainer, module, "final")
-
-        callbacks_module.AdapterExport.on_train_batch_end = on_train_batch_end
-        callbacks_module.AdapterExport.on_train_end = on_train_end
-    if not hasattr(module_module, "unwrapped_name"):
-        STAND_INS.append("module.on_save_checkpoint")
-        save_checkpoint = module_cls.on_save_checkpoint
-
-        def on_save_checkpoint(self, checkpoint: dict) -> None:
-            state = dict(checkpoint["state_dict"])
-            save_checkpoint(self, checkpoint)
-            # under FSDP named_parameters() names carry wrapper segments the state dict's keys do not have
-            trainable = {unwrapped_name(n) for n, p in self.named_parameters() if p.requires_grad}
-            checkpoint["state_dict"] = {k: v for k, v in state.items() if k in trainable}
-
-        module_cls.on_save_checkpoint = on_save_checkpoint
-    if not hasattr(run_module, "make_strategy"):
-        STAND_INS.append("run.make_strategy")
-    if offload and "offload" not in TrainerSettings.__dataclass_fields__:
-        STAND_INS.append("config.TrainerSettings.offload")
 
 
 def main() -> None:
@@ -160,11 +141,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--offload", action="store_true")
     parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--kill-at", type=int, default=None, help="SIGKILL every rank after this step's checkpoint")
+    parser.add_argument("--nan-at", type=int, default=None, help="a non-finite loss on rank 1 at this step")
     parser.add_argument("overrides", nargs="*", help="more Hydra overrides of conf/train.yaml")
     args = parser.parse_intermixed_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stand_in_for_missing_changes(args.offload)
 
     overrides = [
         "+experiment=tiny",
@@ -180,9 +162,8 @@ def main() -> None:
         "logger.kind=none",
         f"output_dir={out / 'run'}",
     ]
+    overrides += ["trainer.offload=true"] if args.offload else []
     overrides += args.overrides
-    if args.offload and "config.TrainerSettings.offload" not in STAND_INS:
-        overrides.append("trainer.offload=true")
     register()
     with initialize_config_module("conf", version_base="1.3"):
         cfg = compose("train", overrides=overrides)
@@ -191,12 +172,12 @@ def main() -> None:
 
     def trainer(**kwargs) -> L.Trainer:
         strategy = kwargs["strategy"]
-        if isinstance(strategy, str):  # run.py does not build strategy objects yet
-            strategy = make_strategy(strategy, kwargs["accelerator"], offload=args.offload)
         if args.strategy == "deepspeed_z3":  # partition even the tiny weights (below 1e5 numbers they stay whole)
             strategy.config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
         kwargs["strategy"] = strategy
-        kwargs["callbacks"] = [*kwargs["callbacks"], Report(out)]
+        kwargs["callbacks"] = [*kwargs["callbacks"], Report(out, per_step=args.nan_at is not None)]
+        kwargs["callbacks"] += [NanAt(args.nan_at, rank=1)] if args.nan_at is not None else []
+        kwargs["callbacks"] += [KillAt(args.kill_at)] if args.kill_at is not None else []
         return trainer_class(**kwargs)
 
     run_module.L.Trainer = trainer
