@@ -217,7 +217,7 @@ def run_encode(
             audio = None
             if video["audio"]:
                 audio_file = root / source if video["audio"] == "track" else Path(video["audio"])
-                audio = audio_encoder.features(read_audio(audio_file))
+                audio = audio_encoder.features(read_audio(audio_file, normalize=True), fps=enc.fps)
         except AudioError as err:
             for w in pending:
                 skip(w["key"], source, "no_audio", str(err))

@@ -1,40 +1,152 @@
-"""Audio for Talk: decoding a track to 16 kHz mono and wav2vec2 features per video frame.
+"""Audio for Talk: decoding, loudness normalisation, wav2vec2 features per video frame, per-clip slices.
 
-The encoder is a transformers ``Wav2Vec2Model`` from a local folder (e.g. chinese-wav2vec2-base), or a tiny
-random twin built in code for tests. Features are all hidden states after the CNN (``hidden_states[1:]``,
-stacked as ``[T, layers, dim]``), as SVI-Talk / MultiTalk use them.
+Pipeline (as SVI-Talk / MultiTalk prepare audio, for training data and for generation alike):
+
+1. ``read_audio(path, normalize=True)``: the first audio track as 16 kHz mono float32, scaled by one static gain to
+   -23 LUFS (ITU-R BS.1770 integrated loudness, measured with pyloudnorm).
+2. ``AudioEncoder.features(samples, fps=25)``: wav2vec2 hidden states ``[N, layers, dim]`` with one row per video
+   frame, ``N = floor(seconds * fps)``. As in MultiTalk, the CNN features (50 per second) are linearly resampled
+   (``align_corners=True``) to ``N`` frames *before* the transformer layers, so attention runs at the video rate.
+   Without ``fps`` the raw 50-per-second features come back.
+3. ``clip_audio(features, k, frames_per_clip, overlap)``: the rows of exactly the output frames clip ``k`` covers.
+   Frames past the end of the audio get zero features, which the model reads as "no audio" (the same tensor as the
+   audio-free CFG branch and the training-time audio dropout), not as the encoding of a quiet room.
+
+Bad input (missing file, no audio track, undecodable or empty track, non-finite samples, audio too short for one
+feature frame) raises ``AudioError`` with one line saying what is wrong and what to do. Silent audio is valid input:
+it is left unscaled and encodes to finite features; ``is_silent`` lets a caller warn about it.
 """
 
 from __future__ import annotations
 
+import math
 import subprocess
+import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import imageio_ffmpeg
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
-from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+if TYPE_CHECKING:  # transformers is heavy; it is imported only where a model is built
+    from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
 SAMPLE_RATE = 16000
+TARGET_LUFS = -23.0
+TALK_FPS = 25.0
+MIN_SAMPLES = 400  # wav2vec2's CNN receptive field (25 ms at 16 kHz): shorter input yields no feature frame
+_LOUDNESS_BLOCK_S = 0.4  # BS.1770 gating block; pyloudnorm refuses shorter input
 
 
 class AudioError(ValueError):
-    """An audio track is missing or cannot be decoded."""
+    """An audio input is missing, has no usable track, or cannot be decoded or encoded."""
 
 
-def read_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Mono float32 samples of a file's first audio track (an audio file or a video with sound)."""
-    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", str(path), "-map", "0:a:0", "-vn", "-ac", "1"]
-    cmd += ["-ar", str(sample_rate), "-f", "f32le", "-"]
+# --------------------------------------------------------------------------------------------------- decoding
+
+
+def read_audio(path: str | Path, sample_rate: int = SAMPLE_RATE, normalize: bool = False) -> np.ndarray:
+    """Mono float32 samples of a file's first audio track (an audio file or a video with sound).
+
+    ``normalize=True`` applies ``loudness_normalize`` (-23 LUFS), as Talk training and generation need.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise AudioError(f"audio file {path} does not exist; check the path")
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-i", str(path), "-map", "0:a:0", "-vn"]
+    cmd += ["-ac", "1", "-ar", str(sample_rate), "-f", "f32le", "-"]
     done = subprocess.run(cmd, capture_output=True)
     if done.returncode != 0:
-        detail = done.stderr.decode("utf-8", "replace").strip().splitlines()
-        raise AudioError(f"no readable audio track in {path}: {detail[-1] if detail else 'ffmpeg failed'}")
-    samples = np.frombuffer(done.stdout, dtype=np.float32)
+        raise AudioError(_ffmpeg_problem(path, done.stderr.decode("utf-8", "replace")))
+    samples = np.frombuffer(done.stdout, dtype=np.float32).copy()
     if samples.size == 0:
-        raise AudioError(f"the audio track of {path} is empty")
-    return samples.copy()
+        raise AudioError(
+            f"the audio track of {path} is empty (0 samples); give a file whose audio has a non-zero length"
+        )
+    if not np.isfinite(samples).all():
+        raise AudioError(f"the audio of {path} decodes to NaN/inf samples; re-export it (e.g. as 16-bit wav)")
+    return loudness_normalize(samples, sample_rate) if normalize else samples
+
+
+def _ffmpeg_problem(path: Path, stderr: str) -> str:
+    """One line for a failed ffmpeg decode: what is wrong, then what to do."""
+    if "matches no streams" in stderr or "does not contain any stream" in stderr:
+        return f"{path} has no audio track; give a video with sound or a separate audio file (wav, mp3, m4a, ...)"
+    lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
+    detail = lines[-1] if lines else "ffmpeg failed"
+    return f"cannot decode the audio of {path} ({detail}); check that the file plays, or re-export it as wav"
+
+
+# --------------------------------------------------------------------------------------------------- loudness
+
+
+def loudness(samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> float:
+    """Integrated loudness in LUFS (BS.1770 via pyloudnorm); ``-inf`` for silence (every block below -70 LUFS).
+
+    Audio shorter than the 0.4 s gating block is measured on a cyclic repetition of itself, which keeps its
+    mean-square level (the quantity LUFS measures) instead of failing as pyloudnorm does.
+    """
+    import pyloudnorm
+
+    x = np.asarray(samples, dtype=np.float64).reshape(-1)
+    if x.size == 0 or not np.any(x):
+        return float("-inf")
+    need = math.ceil(_LOUDNESS_BLOCK_S * sample_rate) + 1
+    if x.size < need:
+        x = np.tile(x, math.ceil(need / x.size))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(pyloudnorm.Meter(sample_rate).integrated_loudness(x))
+
+
+def loudness_normalize(samples: np.ndarray, sample_rate: int = SAMPLE_RATE, target: float = TARGET_LUFS) -> np.ndarray:
+    """Scale by one static gain so the integrated loudness is ``target`` LUFS (MultiTalk's ``loudness_norm``).
+
+    Why: speech recorded at any level reaches the encoder at the level the Talk weights were trained with.
+    - Silence (loudness ``-inf``) is returned unchanged, never divided into NaN.
+    - Audio shorter than 0.4 s is measured as in ``loudness`` (cyclic repetition), then scaled like any other.
+    - No clipping: after the gain, peaks may exceed 1.0. The samples are float and only feed the encoder (the
+      muxed soundtrack is re-encoded from the original file), so hard clipping would only add distortion that
+      MultiTalk's features never saw; pyloudnorm's "possible clipped samples" warning is therefore silenced.
+    """
+    x = np.asarray(samples, dtype=np.float32).reshape(-1)
+    level = loudness(x, sample_rate)
+    if not math.isfinite(level):
+        return x.copy()
+    gain = 10.0 ** ((target - level) / 20.0)
+    return (x.astype(np.float64) * gain).astype(np.float32)
+
+
+def is_silent(samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> bool:
+    """True when no 0.4 s block reaches -70 LUFS (BS.1770's absolute gate): nothing for the lips to follow."""
+    return not math.isfinite(loudness(samples, sample_rate))
+
+
+# --------------------------------------------------------------------------------------------------- encoder
+
+
+def frames_for_samples(num_samples: int, fps: float = TALK_FPS, sample_rate: int = SAMPLE_RATE) -> int:
+    """Video frames a track of ``num_samples`` covers: ``floor(seconds * fps)``, computed without the float
+    round-off by which MultiTalk's ``int(len / sr * 25)`` sometimes loses a frame (e.g. 18560 samples -> 28)."""
+    return math.floor(num_samples * fps / sample_rate + 1e-9)
+
+
+def resample_frames(features: Tensor, num_frames: int) -> Tensor:
+    """Linear resampling along dim 0 with the end frames pinned (``align_corners=True``), as MultiTalk does.
+
+    Works on ``[T, ...]``; frame ``i`` of the output sits at input position ``i * (T - 1) / (num_frames - 1)``.
+    """
+    if num_frames < 1 or features.shape[0] < 1:
+        raise ValueError(f"cannot resample {features.shape[0]} frames to {num_frames}")
+    flat = features.reshape(features.shape[0], -1).T[None].float()  # [1, C, T]
+    if features.shape[0] == 1:
+        out = flat.expand(-1, -1, num_frames)
+    else:
+        out = F.interpolate(flat, size=num_frames, mode="linear", align_corners=True)
+    return out[0].T.reshape(num_frames, *features.shape[1:]).to(features.dtype)
 
 
 class AudioEncoder:
@@ -48,6 +160,8 @@ class AudioEncoder:
     @staticmethod
     def tiny(device: str | torch.device = "cpu") -> AudioEncoder:
         """Random 2-layer twin with the real 320-sample hop (50 feature frames per second)."""
+        from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(20251010)
             config = Wav2Vec2Config(
@@ -65,21 +179,132 @@ class AudioEncoder:
 
     @staticmethod
     def from_pretrained(path: str | Path, device: str | torch.device = "cpu") -> AudioEncoder:
+        """A local wav2vec2 folder (e.g. chinese-wav2vec2-base: config.json, weights, preprocessor_config.json)."""
+        from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
         path = Path(path).expanduser()
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"audio encoder folder {path} has no config.json (a wav2vec2 folder is needed)")
         return AudioEncoder(Wav2Vec2Model.from_pretrained(path), Wav2Vec2FeatureExtractor.from_pretrained(path), device)
 
     @torch.no_grad()
-    def features(self, samples: np.ndarray) -> tuple[Tensor, float]:
-        """``[T, layers, dim]`` features and their rate in frames per second."""
+    def features(self, samples: np.ndarray, fps: float | None = None) -> tuple[Tensor, float]:
+        """``[T, layers, dim]`` float32 features (all hidden states after the CNN) and their rate per second.
+
+        ``fps=None``: the raw frames, 50 per second (rate = frames / seconds).
+        ``fps=25``: one row per video frame, ``T = frames_for_samples(len(samples), fps)``, rate ``fps``. The CNN
+        output is resampled to ``T`` frames before the feature projection and the transformer (MultiTalk's
+        patched ``Wav2Vec2Model.forward``), done here with a forward hook on the stock transformers model.
+        """
+        samples = np.asarray(samples, dtype=np.float32).reshape(-1)
+        seconds = len(samples) / SAMPLE_RATE
+        if len(samples) < MIN_SAMPLES:
+            least = MIN_SAMPLES / SAMPLE_RATE * 1000
+            raise AudioError(f"the audio is {seconds * 1000:.0f} ms long; wav2vec2 needs at least {least:.0f} ms")
+        frames = None
+        if fps is not None:
+            frames = frames_for_samples(len(samples), fps)
+            if frames < 1:
+                raise AudioError(f"the audio ({seconds * 1000:.0f} ms) is shorter than one video frame at {fps} fps")
         inputs = self.extractor(samples, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_values
-        out = self.model(inputs.to(self.device), output_hidden_states=True)
+        hook = None
+        if frames is not None:
+
+            def to_video_rate(_module, _args, output: Tensor) -> Tensor:  # CNN output [B, C, T_cnn]
+                return F.interpolate(output, size=frames, mode="linear", align_corners=True)
+
+            hook = self.model.feature_extractor.register_forward_hook(to_video_rate)
+        try:
+            out = self.model(inputs.to(self.device), output_hidden_states=True)
+        finally:
+            if hook is not None:
+                hook.remove()
         feats = torch.stack(out.hidden_states[1:], dim=2)[0].float().cpu()  # [T, layers, dim]
-        return feats, feats.shape[0] / (len(samples) / SAMPLE_RATE)
+        return feats, (float(fps) if fps is not None else feats.shape[0] / seconds)
+
+
+# --------------------------------------------------------------------------------------------------- alignment
 
 
 def features_for_frames(features: Tensor, rate: float, frame_times: list[float]) -> Tensor:
-    """The feature frame nearest to each video frame time (seconds): ``[len(frame_times), layers, dim]``."""
-    index = torch.tensor([min(max(round(t * rate), 0), features.shape[0] - 1) for t in frame_times])
-    return features[index]
+    """Features at each video frame time (seconds), linearly interpolated: ``[len(frame_times), layers, dim]``.
+
+    Row ``i`` of ``features`` sits at ``i / rate`` seconds. A time between two rows blends them linearly (a time
+    on a row, e.g. ``j / fps`` with features from ``features(..., fps)``, returns that row exactly). Before the
+    first row: the first row. Between the last row and one row later: the last row. Later: zeros (no audio).
+    """
+    count = features.shape[0]
+    pos = torch.tensor(frame_times, dtype=torch.float64) * rate
+    nearest = pos.round()
+    pos = torch.where((pos - nearest).abs() < 1e-6, nearest, pos).clamp(min=0.0)
+    lo = pos.floor().long().clamp(max=count - 1)
+    hi = (lo + 1).clamp(max=count - 1)
+    w = (pos - lo).clamp(0.0, 1.0).to(torch.float32).view(-1, *([1] * (features.ndim - 1)))
+    out = features[lo].float() * (1.0 - w) + features[hi].float() * w
+    out[pos >= count] = 0.0
+    return out.to(features.dtype)
+
+
+def take_frames(features: Tensor, indices: Tensor | range | list[int]) -> Tensor:
+    """Rows ``indices`` of ``[N, ...]`` features; indices at or past ``N`` give zero rows (silence), negative
+    indices give row 0 (the start of the audio, as MultiTalk clamps its context windows)."""
+    index = torch.as_tensor(list(indices) if isinstance(indices, range) else indices, dtype=torch.long)
+    out = features[index.clamp(0, max(features.shape[0] - 1, 0))].clone()
+    out[index >= features.shape[0]] = 0
+    return out
+
+
+def pad_frames(features: Tensor, num_frames: int) -> Tensor:
+    """``[num_frames, ...]``: the track's rows, then zero rows (silence) up to ``num_frames``; longer tracks are
+    cut. Lets code that clamps indices to the track's end (MultiTalk-style windows) see silence there instead of a
+    repeated last frame: ``pad_frames(features, frames_for_clips(K, F, overlap))``."""
+    if features.shape[0] >= num_frames:
+        return features[:num_frames]
+    pad = features.new_zeros(num_frames - features.shape[0], *features.shape[1:])
+    return torch.cat([features, pad])
+
+
+def clip_frames(clip_index: int, frames_per_clip: int, overlap: int) -> range:
+    """Output-video frames clip ``k`` covers: ``s_k .. s_k + F - 1`` with ``s_k = k * (F - overlap)``.
+
+    The generator drops the first ``overlap`` frames of every clip after the first (they repeat the previous
+    clip's tail), so these ranges overlap by exactly ``overlap`` frames and their union has no gap.
+    """
+    if clip_index < 0:
+        raise ValueError(f"clip_index must be >= 0, got {clip_index}")
+    if not 0 <= overlap < frames_per_clip:
+        raise ValueError(f"overlap must be in [0, frames_per_clip={frames_per_clip}), got {overlap}")
+    start = clip_index * (frames_per_clip - overlap)
+    return range(start, start + frames_per_clip)
+
+
+def clip_audio(features: Tensor, clip_index: int, frames_per_clip: int, overlap: int, radius: int = 0) -> Tensor:
+    """Features of exactly the frames of ``clip_frames(k, F, overlap)`` (zeros past the end of the audio).
+
+    ``radius=0``: ``[F, layers, dim]``. ``radius=r``: ``[F, 2r + 1, layers, dim]``, each frame with its ``r``
+    neighbours on each side taken from the whole track (SVI-Talk / MultiTalk use ``r = 2``), so the context at a
+    clip's first frames comes from the previous clip's audio, not from padding.
+    """
+    frames = torch.tensor(clip_frames(clip_index, frames_per_clip, overlap))
+    if radius == 0:
+        return take_frames(features, frames)
+    offsets = torch.arange(-radius, radius + 1)
+    return take_frames(features, (frames[:, None] + offsets[None]).reshape(-1)).reshape(
+        frames_per_clip, 2 * radius + 1, *features.shape[1:]
+    )
+
+
+def frames_for_clips(num_clips: int, frames_per_clip: int, overlap: int) -> int:
+    """Output frames of ``num_clips`` clips: ``F + (num_clips - 1) * (F - overlap)`` (0 for no clip)."""
+    if num_clips <= 0:
+        return 0
+    return clip_frames(num_clips - 1, frames_per_clip, overlap).stop
+
+
+def clips_for_frames(num_frames: int, frames_per_clip: int, overlap: int) -> int:
+    """Fewest clips whose output covers ``num_frames`` frames (at least 1): the default clip count for an audio
+    track of ``num_frames`` video frames. The last clip's frames past the audio get zero features."""
+    clip_frames(0, frames_per_clip, overlap)  # validates the arguments
+    if num_frames <= frames_per_clip:
+        return 1
+    return 1 + math.ceil((num_frames - frames_per_clip) / (frames_per_clip - overlap))

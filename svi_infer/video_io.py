@@ -1,7 +1,8 @@
-"""Reading images and videos, and writing mp4 clips that are joined without re-encoding."""
+"""Reading images and videos, writing mp4 clips that are joined without re-encoding, and muxing a soundtrack."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from svi_infer.atomic import atomic_path
+from svi_infer.audio import AudioError
 
 
 def read_image(path: str | Path) -> Image.Image:
@@ -82,3 +84,82 @@ def read_video(path: str | Path) -> np.ndarray:
 
     reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
     return reader.get_batch(list(range(len(reader)))).asnumpy()
+
+
+def _duration_line(text: str) -> float | None:
+    match = re.search(r"Duration: (\d+):(\d+):(\d+(?:\.\d+)?)", text)
+    return None if match is None else int(match[1]) * 3600 + int(match[2]) * 60 + float(match[3])
+
+
+def probe_streams(path: str | Path) -> dict:
+    """Durations (seconds) of a file's container, first video stream and first audio stream, read with the bundled
+    ffmpeg (there is no ffprobe): the video by counting its packets at its frame rate, the audio by decoding it and
+    counting samples. Keys: ``container``, ``video``, ``frames``, ``fps``, ``video_codec``, ``audio``,
+    ``sample_rate``, ``audio_codec``; a missing stream gives ``None`` values."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    ffmpeg = imageio_ffmpeg.get_ffmpeg_exe()
+    head = subprocess.run([ffmpeg, "-hide_banner", "-nostdin", "-i", str(path)], capture_output=True, text=True)
+    if "Stream #" not in head.stderr:
+        last = (head.stderr.strip().splitlines() or ["ffmpeg failed"])[-1]
+        raise ValueError(f"cannot read {path} ({last})")
+    info = dict.fromkeys(("video", "frames", "fps", "video_codec", "audio", "sample_rate", "audio_codec"))
+    info["container"] = _duration_line(head.stderr)
+    video = re.search(r"Stream #0:\d+.*?: Video: (\w+).*?(\d+(?:\.\d+)?) fps", head.stderr)
+    audio = re.search(r"Stream #0:\d+.*?: Audio: (\w+).*?(\d+) Hz", head.stderr)
+    if video is not None:
+        cmd = [ffmpeg, "-hide_banner", "-nostdin", "-i", str(path), "-map", "0:v:0", "-c", "copy", "-f", "null", "-"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        counts = re.findall(r"frame=\s*(\d+)", done.stderr)
+        info["video_codec"], info["fps"] = video[1], float(video[2])
+        if counts:
+            info["frames"] = int(counts[-1])
+            info["video"] = info["frames"] / info["fps"]
+    if audio is not None:
+        rate = int(audio[2])
+        cmd = [ffmpeg, "-nostdin", "-v", "error", "-i", str(path), "-map", "0:a:0", "-ac", "1", "-f", "s16le", "-"]
+        done = subprocess.run(cmd, capture_output=True)
+        info["audio_codec"], info["sample_rate"] = audio[1], rate
+        info["audio"] = len(done.stdout) // 2 / rate
+    return info
+
+
+def mux_audio(
+    video: str | Path, audio: str | Path, output: str | Path, start_s: float = 0.0, duration_s: float | None = None
+) -> None:
+    """Write ``video``'s frames (stream copy, no re-encode) with ``audio``'s first track as AAC, atomically.
+
+    ``audio`` is any file ffmpeg reads (wav, mp3, m4a, a video with sound). Its track is cut to
+    ``[start_s, start_s + duration_s)``, ``duration_s`` defaulting to the video's duration (frames / fps), and
+    padded with silence when it ends sooner, so both streams last as long as the video. AAC at 48 kHz keeps the
+    duration within one AAC frame (21 ms). ``output`` may be ``video`` itself.
+    """
+    video, audio = Path(video).expanduser(), Path(audio).expanduser()
+    if start_s < 0:
+        raise ValueError(f"start_s must be >= 0, got {start_s}")
+    for name, file in (("video", video), ("audio", audio)):
+        if not file.is_file():
+            raise FileNotFoundError(f"{name} {file} does not exist")
+    streams = probe_streams(video)
+    if streams["video"] is None:
+        raise ValueError(f"{video} has no video stream to put the audio under")
+    try:
+        source = probe_streams(audio)
+    except ValueError as err:
+        raise AudioError(f"cannot read {audio} ({err}); give a file that plays, e.g. wav, mp3 or m4a") from None
+    if source["audio"] is None:
+        raise AudioError(f"{audio} has no audio track; give a video with sound or a separate audio file")
+    if start_s >= source["audio"]:
+        raise AudioError(f"start_s={start_s} s is past the end of {audio} ({source['audio']:.2f} s of audio)")
+    duration = streams["video"] if duration_s is None else float(duration_s)
+    if duration <= 0:
+        raise ValueError(f"duration_s must be > 0, got {duration_s}")
+    with atomic_path(output) as tmp:
+        cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-nostdin", "-loglevel", "error", "-i", str(video)]
+        cmd += ["-ss", f"{start_s:.6f}", "-t", f"{duration:.6f}", "-i", str(audio)]
+        cmd += ["-map", "0:v:0", "-map", "1:a:0", "-c:v", "copy", "-af", f"apad=whole_dur={duration:.6f}"]
+        cmd += ["-c:a", "aac", "-b:a", "192k", "-ar", "48000", "-movflags", "+faststart", "-f", "mp4", str(tmp)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"ffmpeg could not mux {audio} into {video}: {done.stderr.strip()}")

@@ -192,6 +192,6 @@ def test_audio_encoder_from_a_local_folder_matches(tmp_path):
     (a, rate), (b, _) = tiny.features(wave), loaded.features(wave)
     assert torch.equal(a, b) and a.shape == (49, 2, 16) and rate == 49.0
     picked = features_for_frames(a, rate, [0.0, 0.5, 10.0])
-    assert torch.equal(picked[0], a[0]) and torch.equal(picked[1], a[24]) and torch.equal(picked[2], a[-1])
+    assert torch.equal(picked[0], a[0]) and torch.allclose(picked[1], (a[24] + a[25]) / 2) and torch.all(picked[2] == 0)
     with pytest.raises(FileNotFoundError, match="config.json"):
         AudioEncoder.from_pretrained(tmp_path)
