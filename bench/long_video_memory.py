@@ -7,7 +7,10 @@ and no more time per clip than generating 3. This benchmark checks that on the t
 clips and prints one JSON line. The parent prints both runs side by side, whether the targets are met,
 and ends with one line of ``name=value`` figures.
 
-Run: ``.venv/bin/python bench/long_video_memory.py`` (or ``make bench``).
+``--variant talk`` measures the same for SVI-Talk (tiny MultiTalk modules and wav2vec2 twin, three guidance
+passes, 25 fps, the audio muxed at the end): both runs read the same 40 s track, as a long talk would.
+
+Run: ``.venv/bin/python bench/long_video_memory.py [--variant talk]`` (or ``make bench``).
 """
 
 from __future__ import annotations
@@ -50,16 +53,25 @@ def _current_rss_mb() -> float:
     return 0.0
 
 
-def run_child(num_clips: int) -> dict:
+def run_child(num_clips: int, variant: str = "shot") -> dict:
     """Build the tiny model, warm up with 1 clip, then time ``num_clips`` clips; return the figures."""
+    import subprocess
+
+    import imageio_ffmpeg
     import numpy as np
     from PIL import Image
 
-    from svi_infer.generate import GenerationSettings, LongVideoGenerator
+    from svi_infer.audio import AudioEncoder
+    from svi_infer.generate import GenerationSettings, LongVideoGenerator, attach_talk_modules
     from svi_infer.model import build_model
     from svi_infer.spec import get_spec
 
     model = build_model(get_spec(SPEC_ID))
+    talk = variant == "talk"
+    encoder = None
+    if talk:
+        attach_talk_modules(model)
+        encoder = AudioEncoder.tiny()
     pixels = np.random.default_rng(IMAGE_SEED).integers(0, 256, size=(HEIGHT, WIDTH, 3), dtype=np.uint8)
     image = Image.fromarray(pixels)  # uint8 [H, W, 3] -> RGB
 
@@ -73,16 +85,23 @@ def run_child(num_clips: int) -> dict:
             handoff="pixel",
             num_motion_frames=1,
             ref_pad_num=-1,
+            **({"conditioning": "audio", "fps": 25, "cfg_scale": 2.0, "cfg_scale_audio": 5.0} if talk else {}),
         )
 
     with tempfile.TemporaryDirectory() as tmp:
-        warm = LongVideoGenerator(model, settings(1))
-        warm.generate(image, PROMPTS, Path(tmp) / "warmup.mp4", resume=False, progress=False)
+        audio = None
+        if talk:  # 40 s of a tone: enough for 30 clips of 33 frames at 25 fps
+            audio = Path(tmp) / "speech.wav"
+            tone = ["-f", "lavfi", "-i", "sine=frequency=220:duration=40", "-ar", "16000", str(audio)]
+            subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-y", *tone], check=True)
+        kwargs = {"audio": audio} if talk else {}
+        warm = LongVideoGenerator(model, settings(1), audio_encoder=encoder)
+        warm.generate(image, PROMPTS, Path(tmp) / "warmup.mp4", resume=False, progress=False, **kwargs)
         rss_after_warmup = _peak_rss_mb()
 
-        generator = LongVideoGenerator(model, settings(num_clips))
+        generator = LongVideoGenerator(model, settings(num_clips), audio_encoder=encoder)
         t0, c0 = time.perf_counter(), time.process_time()
-        result = generator.generate(image, PROMPTS, Path(tmp) / "long.mp4", resume=False, progress=False)
+        result = generator.generate(image, PROMPTS, Path(tmp) / "long.mp4", resume=False, progress=False, **kwargs)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         clips = json.loads(result.sidecar.read_text(encoding="utf-8"))["clips"]
 
@@ -102,9 +121,9 @@ def run_child(num_clips: int) -> dict:
     }
 
 
-def measure(num_clips: int) -> dict:
+def measure(num_clips: int, variant: str = "shot") -> dict:
     """Run one child process for ``num_clips`` clips and parse its JSON line."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(num_clips)]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(num_clips), "--variant", variant]
     busy0, kids0, t0 = busy_cpu_s(), _children_cpu_s(), time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     busy1, kids1, wall = busy_cpu_s(), _children_cpu_s(), time.perf_counter() - t0
@@ -141,17 +160,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", type=int, metavar="N", help="internal: measure N clips in this process")
     parser.add_argument("--repeats", type=int, default=2, help="child runs per clip count, interleaved (default 2)")
+    parser.add_argument("--variant", choices=("shot", "talk"), default="shot", help="talk: audio-driven clips")
     args = parser.parse_args()
 
     if args.child is not None:
-        print(json.dumps(run_child(args.child)), flush=True)
+        print(json.dumps(run_child(args.child, args.variant)), flush=True)
         return
 
     t_start = time.perf_counter()
     runs: dict[int, list[dict]] = {SHORT: [], LONG: []}
     for rep in range(args.repeats):
         for n in (SHORT, LONG):  # interleaved, so drift on the machine hits both alike
-            r = measure(n)
+            r = measure(n, args.variant)
             runs[n].append(r)
             print(
                 f"run {rep + 1}/{args.repeats} clips={n:>2}: peak_rss={r['peak_rss_mb']:.1f} MiB "

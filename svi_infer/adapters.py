@@ -8,6 +8,10 @@ Single files are read in the formats found in the wild (reference/peers.md §4):
 (optionally ``transformer.``-prefixed), Wan's original names with peft's ``.default`` segment (optionally
 ``pipe.dit.``-prefixed, as SVI ships them), and ComfyUI's ``diffusion_model.`` + ``lora_A/lora_B`` or
 ``lora_down/lora_up`` + ``.alpha``. Loading is strict: a key that matches no module is reported by name.
+
+SVI-Dance adapters also carry the trained pose encoder as ``dwpose_embedding.<i>.weight`` / ``.bias`` (under any
+prefix, as SVI's ``svi-dance.safetensors`` and UniAnimate-DiT ship it): loading one attaches a
+:class:`~svi_infer.pose.PoseEncoder` to the transformer(s) with exactly those weights.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from svi_infer.model import WanModel
+from svi_infer.pose import POSE_KEY, PoseEncoder, attach_pose, find_pose_encoder, load_pose_encoder, pose_state_dict
 from svi_infer.spec import ModelSpec
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -267,6 +272,24 @@ def _inject(transformer: nn.Module, modules: dict[str, LoraWeights], adapter_nam
         raise AdapterError(f"peft did not place {result.unexpected_keys[:5]} (adapter {adapter_name})")
 
 
+def is_pose_key(key: str) -> bool:
+    """A pose encoder weight (``dwpose_embedding.<i>.*`` under any prefix), not a LoRA weight."""
+    return f"{POSE_KEY}." in key
+
+
+def _pose_encoder(transformers: list[nn.Module], state_dict: dict[str, Tensor], file: Path) -> PoseEncoder:
+    """A pose encoder for ``transformers`` holding the file's pose weights, loaded strictly."""
+    widths = {t.patch_embedding.out_channels for t in transformers}
+    if len(widths) != 1:
+        raise AdapterError(f"{file}: the transformers have different widths {sorted(widths)}; load per expert")
+    encoder = PoseEncoder(widths.pop())
+    try:
+        load_pose_encoder(encoder, {k: v for k, v in state_dict.items() if is_pose_key(k)})
+    except ValueError as err:
+        raise AdapterError(f"adapter {file}: {err}") from None
+    return encoder
+
+
 def load_adapter(
     model: WanModel,
     path: str | Path,
@@ -280,6 +303,10 @@ def load_adapter(
         expert: for Wan 2.2 A14B, the expert to load into (``high_noise`` / ``low_noise``); defaults to
             the expert named in ``svi.json``, else both (a LoRA shared by the two experts).
         ignore_unmatched: load what matches and skip keys that match no module, instead of refusing.
+
+    A file with pose encoder weights (``dwpose_embedding.*``, SVI-Dance) also attaches a
+    :class:`~svi_infer.pose.PoseEncoder` holding them to the transformer(s) loaded into (one encoder, shared;
+    float32 like the reference); condition it with :func:`svi_infer.pose.set_pose`.
 
     Returns:
         The adapter's ``svi.json`` contents, or None for a bare file.
@@ -300,11 +327,14 @@ def load_adapter(
     except Exception as err:  # safetensors raises several types for a damaged file
         raise AdapterError(f"cannot read LoRA file {file}: {err}") from None
     modules, not_lora = parse_lora_state_dict(state_dict)
+    pose_keys = [k for k in not_lora if is_pose_key(k)]
+    not_lora = [k for k in not_lora if not is_pose_key(k)]
     _fill_alphas(_peft_config(path, file), modules)
     indices = [spec.experts.index(expert)] if expert else range(len(spec.experts))
     name = adapter_name or re.sub(r"\W", "_", path.stem if path.is_file() else path.name)
-    for i in indices:
-        transformer = model.transformers[i]
+    targets = [model.transformers[i] for i in indices]
+    pose = _pose_encoder(targets, state_dict, file) if pose_keys else None  # checked before any change
+    for transformer in targets:
         fitting, unmatched = _check_against(transformer, modules, not_lora, path, spec)
         if unmatched and not ignore_unmatched:
             shown = ", ".join(unmatched[:12]) + (f" (+{len(unmatched) - 12} more)" if len(unmatched) > 12 else "")
@@ -315,6 +345,8 @@ def load_adapter(
         if not fitting:
             raise AdapterError(f"{file} holds no LoRA weight for any module of {spec.id}")
         _inject(transformer, fitting, name)
+    for transformer in targets if pose is not None else ():
+        attach_pose(transformer, pose)
     return meta
 
 
@@ -335,18 +367,19 @@ def save_adapter(
 ) -> Path:
     """Write an adapter directory atomically (a temporary sibling directory renamed into place).
 
-    ``weights`` (peft keys) replaces reading them from ``transformer``, for weights gathered from shards.
+    ``weights`` (peft keys) replaces reading them from ``transformer``, for weights gathered from shards. Read
+    from ``transformer``, an attached pose encoder's weights are saved beside the LoRA (``dwpose_embedding.*``);
+    ``weights`` must then hold them itself (``svi_train.strategies.lora_state_dict`` does).
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        state = {
-            k: v.detach().contiguous().cpu()
-            for k, v in (
-                get_peft_model_state_dict(transformer, adapter_name=adapter_name) if weights is None else weights
-            ).items()
-        }
+        if weights is None:
+            weights = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
+            if find_pose_encoder(transformer) is not None:
+                weights = {**weights, **pose_state_dict(transformer)}
+        state = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
         save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         transformer.peft_config[adapter_name].save_pretrained(str(tmp))
         record = {"format": META_FORMAT, "base": meta.base, "expert": meta.expert, "defaults": meta.defaults}

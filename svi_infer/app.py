@@ -11,11 +11,19 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from svi_infer.adapters import AdapterError, load_adapter, read_meta, set_strength
-from svi_infer.generate import GenerationResult, GenerationSettings, LongVideoGenerator, ResumeMismatchError
+from svi_infer.audio import TALK_FPS, AudioEncoder, frames_for_samples, read_audio
+from svi_infer.generate import (
+    GenerationResult,
+    GenerationSettings,
+    LongVideoGenerator,
+    ResumeMismatchError,
+    attach_talk_modules,
+    check_talk_audio,
+)
 from svi_infer.model import ModelFolderError, OriginalFiles, build_model, resolve_device
 from svi_infer.prompts import PromptError, load_prompts
 from svi_infer.spec import HIGH_NOISE, LOW_NOISE, ModelSpec, get_spec
-from svi_infer.video_io import read_image
+from svi_infer.video_io import probe_streams, read_image
 
 # Errors that are the user's input, reported as one line without a traceback.
 USER_ERRORS = (
@@ -42,6 +50,11 @@ class Plan:
     adapters: list[tuple[Path, str | None]]  # (path, expert)
     image: Image.Image
     prompts: list[str]
+    audio: Path | None = None  # Talk: the driving audio
+    pose: Path | None = None  # Dance: the pose video
+    side_by_side: bool = False  # Dance: also write <output stem>.sbs.mp4
+    multitalk: Path | None = None  # Talk: MultiTalk's weights (None: random tiny modules)
+    audio_encoder: Path | None = None  # Talk: wav2vec2 folder (None: the tiny encoder)
 
 
 def _adapters(cfg: DictConfig, spec: ModelSpec) -> list[tuple[Path, str | None]]:
@@ -65,7 +78,11 @@ def _adapters(cfg: DictConfig, spec: ModelSpec) -> list[tuple[Path, str | None]]
 
 
 def resolve_settings(cfg: DictConfig, spec: ModelSpec, adapter_defaults: dict[str, Any]) -> GenerationSettings:
-    """Each setting: the user's value, else the adapter's ``svi.json`` default, else the spec / built-in one."""
+    """Each setting: the user's value, else the adapter's ``svi.json`` default, else the spec / built-in one.
+
+    ``num_clips: null`` stays None (Talk: as many clips as the audio lasts; otherwise the built-in 3). With
+    ``conditioning=audio`` and no fps from the user or the adapter, fps is Talk's 25, not the model's.
+    """
     given = {k: v for k, v in OmegaConf.to_container(cfg.variant, resolve=True).items() if v is not None}
     for key in ("num_clips", "frames_per_clip", "height", "width", "seed", "seed_policy"):
         if cfg.get(key) is not None:
@@ -74,11 +91,63 @@ def resolve_settings(cfg: DictConfig, spec: ModelSpec, adapter_defaults: dict[st
     unknown = sorted(set(given) - names)
     if unknown:
         raise ValueError(f"unknown variant setting(s) {unknown}; known: {sorted(names)}")
+    chosen = {k: v for k, v in adapter_defaults.items() if k in names} | given
     values = {k: getattr(spec, k) for k in _SPEC_DEFAULTS}
     values |= {"height": spec.height, "width": spec.width}
-    values |= {k: v for k, v in adapter_defaults.items() if k in names}
-    values |= given
-    return GenerationSettings(**values)
+    if chosen.get("conditioning") == "audio":
+        values["fps"] = int(TALK_FPS)
+    return GenerationSettings(**(values | chosen))
+
+
+def _talk_model_files(cfg: DictConfig, spec: ModelSpec) -> tuple[Path | None, Path | None]:
+    """MultiTalk weights and wav2vec2 folder: required for real models, optional (random twins) for tiny ones."""
+    multitalk, encoder = cfg.model.get("multitalk"), cfg.model.get("audio_encoder")
+    if not spec.tiny:
+        missing = [name for name, value in (("multitalk", multitalk), ("audio_encoder", encoder)) if value is None]
+        if missing:
+            raise ValueError(
+                f"conditioning=audio with {spec.id} needs model.{' and model.'.join(missing)}: MultiTalk's "
+                "multitalk.safetensors (MeiGen-AI/MeiGen-MultiTalk) and the wav2vec2 folder "
+                "(TencentGameMate/chinese-wav2vec2-base)"
+            )
+    multitalk = Path(multitalk).expanduser() if multitalk is not None else None
+    encoder = Path(encoder).expanduser() if encoder is not None else None
+    if multitalk is not None:
+        if not multitalk.is_file():
+            raise FileNotFoundError(f"model.multitalk {multitalk} does not exist")
+        if multitalk.suffix != ".safetensors":
+            raise ValueError(f"model.multitalk must be a .safetensors file (pickles are not read), got {multitalk}")
+    if encoder is not None and not (encoder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model.audio_encoder {encoder} is not a wav2vec2 folder (no config.json; e.g. chinese-wav2vec2-base)"
+        )
+    return multitalk, encoder
+
+
+def _audio_input(path: Any, settings: GenerationSettings) -> Path:
+    """Decode the audio once here (cheap next to the models), so a bad or too short file fails before loading."""
+    if path is None:
+        raise ValueError("conditioning=audio (Talk) needs audio=<wav, mp3 or any file with an audio track>")
+    path = Path(path).expanduser()
+    samples = read_audio(path)
+    check_talk_audio(frames_for_samples(len(samples), settings.fps), settings, path)
+    return path
+
+
+def _pose_input(path: Any) -> Path:
+    """The pose video must exist and have video frames; its size and frame count may be anything (looped, fitted)."""
+    if path is None:
+        raise ValueError("conditioning=pose (Dance) needs pose=<pose video, e.g. a rendered DWPose skeleton mp4>")
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"pose video {path} does not exist")
+    try:
+        streams = probe_streams(path)
+    except ValueError as err:
+        raise ValueError(f"cannot read pose video {path}: {err}") from None
+    if not streams["frames"]:
+        raise ValueError(f"pose video {path} has no video frames; give a video of the poses (e.g. dwpose.mp4)")
+    return path
 
 
 def plan(cfg: DictConfig) -> Plan:
@@ -105,15 +174,57 @@ def plan(cfg: DictConfig) -> Plan:
             defaults |= meta.defaults
     settings = resolve_settings(cfg, spec, defaults)
     settings.validate(spec)
+    mode = settings.mode
+    multitalk = encoder = None
+    if mode == "audio":
+        multitalk, encoder = _talk_model_files(cfg, spec)
+    for key, needs in (("audio", "audio"), ("pose", "pose")):
+        if cfg.get(key) is not None and mode != needs:
+            raise ValueError(
+                f"{key}= is for {'Talk' if needs == 'audio' else 'Dance'} (variant.conditioning={needs}, "
+                f"+experiment={'talk' if needs == 'audio' else 'dance'}); this run's conditioning is {mode}"
+            )
+    if cfg.get("side_by_side") and mode != "pose":
+        raise ValueError("side_by_side=true shows reference | pose | generated: it needs variant.conditioning=pose")
+    if mode == "pose" and not adapters:
+        raise ValueError(
+            "conditioning=pose (Dance) needs the Dance adapter, which carries the pose encoder (dwpose_embedding.*): "
+            "adapter.path=svi-dance.safetensors"
+        )
     prompts = load_prompts(OmegaConf.to_object(cfg.prompts) if OmegaConf.is_list(cfg.prompts) else cfg.prompts)
     image = read_image(cfg.image)
-    return Plan(spec, model_path, original, device, dtype, settings, adapters, image, prompts)
+    audio = _audio_input(cfg.get("audio"), settings) if mode == "audio" else None
+    pose = _pose_input(cfg.get("pose")) if mode == "pose" else None
+    return Plan(
+        spec,
+        model_path,
+        original,
+        device,
+        dtype,
+        settings,
+        adapters,
+        image,
+        prompts,
+        audio=audio,
+        pose=pose,
+        side_by_side=bool(cfg.get("side_by_side")),
+        multitalk=multitalk,
+        audio_encoder=encoder,
+    )
 
 
 def run(cfg: DictConfig) -> GenerationResult:
-    """Plan, build the model, load adapters, generate."""
+    """Plan, build the model (+ Talk's audio modules and encoder), load adapters, generate."""
     p = plan(cfg)
     model = build_model(p.spec, p.model_path, p.device, p.dtype, p.original)
+    audio_encoder = None
+    if p.settings.mode == "audio":  # before the adapters, so an adapter holding audio-module LoRA finds them
+        attach_talk_modules(model, p.multitalk)
+        audio_encoder = (
+            AudioEncoder.tiny(model.device)
+            if p.audio_encoder is None
+            else AudioEncoder.from_pretrained(p.audio_encoder, model.device)
+        )
     for path, expert in p.adapters:
         load_adapter(model, path, expert=expert, ignore_unmatched=cfg.adapter.ignore_unmatched)
     if p.adapters:
@@ -125,5 +236,17 @@ def run(cfg: DictConfig) -> GenerationResult:
         "adapter_strength": cfg.adapter.strength,
         "image": str(cfg.image),
     }
-    generator = LongVideoGenerator(model, p.settings, provenance)
-    return generator.generate(p.image, p.prompts, Path(cfg.output), resume=cfg.resume, progress=cfg.progress)
+    if p.settings.mode == "audio":
+        provenance["multitalk"] = str(p.multitalk) if p.multitalk else None
+        provenance["audio_encoder"] = str(p.audio_encoder) if p.audio_encoder else None
+    generator = LongVideoGenerator(model, p.settings, provenance, audio_encoder=audio_encoder)
+    return generator.generate(
+        p.image,
+        p.prompts,
+        Path(cfg.output),
+        resume=cfg.resume,
+        progress=cfg.progress,
+        audio=p.audio,
+        pose=p.pose,
+        side_by_side=p.side_by_side,
+    )

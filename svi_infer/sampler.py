@@ -1,4 +1,5 @@
-"""Sampling one clip: SVI's Euler flow schedule, classifier-free guidance, Wan 2.2 expert switch."""
+"""Sampling one clip: SVI's Euler flow schedule, classifier-free guidance (text; text + audio for Talk), Wan 2.2
+expert switch."""
 
 from __future__ import annotations
 
@@ -11,14 +12,22 @@ from torch import Tensor
 
 from svi_infer.flow import euler_step, inference_sigmas
 from svi_infer.model import WanModel
+from svi_infer.talk import AudioWindows, get_talk, set_audio
 
 
 @dataclass(frozen=True)
 class PassInputs:
-    """What one guidance pass feeds the DiT besides the latents: text, CLIP tokens, extra conditioning."""
+    """What one guidance pass feeds the DiT besides the latents.
+
+    ``text`` / ``image``: UMT5 and CLIP tokens. ``audio``: Talk's audio windows of this pass (``set_audio`` is
+    called with them right before the pass's forward, because the audio differs between passes and lives in the
+    transformer, not in its forward arguments); None on a transformer with Talk modules switches the audio path
+    off for the pass. ``extra``: further keyword arguments of the transformer's forward.
+    """
 
     text: Tensor
     image: Tensor | None = None
+    audio: AudioWindows | None = None
     extra: Mapping[str, Tensor] = field(default_factory=dict)
 
 
@@ -45,6 +54,36 @@ class TextGuidance:
         return velocities["uncond"] + self.scale * (velocities["cond"] - velocities["uncond"])
 
 
+@dataclass(frozen=True)
+class TalkGuidance:
+    """SVI-Talk's three-pass guidance (reference/svi.md §3.4)::
+
+        v = v_uncond + s_text * (v_cond - v_droptext) + s_audio * (v_droptext - v_uncond)
+
+    with ``cond`` = (positive text, audio), ``droptext`` = (negative text, audio) and ``uncond`` = (negative text,
+    zeroed audio): the text term pushes away from the same audio without the prompt, the audio term away from
+    neither. Passes that cannot change the result are skipped: at ``s_audio == 1`` the formula is
+    ``v_droptext + s_text * (v_cond - v_droptext)`` (two passes), at both scales 1 it is ``v_cond`` (one pass).
+    """
+
+    text_scale: float
+    audio_scale: float
+
+    def passes(self) -> tuple[str, ...]:
+        if self.audio_scale == 1.0:
+            return ("cond",) if self.text_scale == 1.0 else ("cond", "droptext")
+        return ("cond", "droptext", "uncond")
+
+    def combine(self, velocities: Mapping[str, Tensor]) -> Tensor:
+        cond = velocities["cond"]
+        if self.audio_scale == 1.0:
+            if self.text_scale == 1.0:
+                return cond
+            return velocities["droptext"] + self.text_scale * (cond - velocities["droptext"])
+        droptext, uncond = velocities["droptext"], velocities["uncond"]
+        return uncond + self.text_scale * (cond - droptext) + self.audio_scale * (droptext - uncond)
+
+
 @torch.no_grad()
 def sample_clip(
     model: WanModel,
@@ -60,33 +99,43 @@ def sample_clip(
 
     Args:
         y: ``[1, 4 + C, T, h, w]`` conditioning concatenated to the latents at every step.
-        inputs: per guidance pass, the text/image/extra inputs.
+        inputs: per guidance pass, the text/image/audio/extra inputs.
 
     Returns:
         The final ``[1, C, T, h, w]`` latents (float32).
     """
     spec = model.spec
+    talking = [t for t in model.transformers if get_talk(t) is not None]
+    names = guidance.passes()
+    given = [name for name in names if inputs[name].audio is not None]
+    if given and len(talking) != len(model.transformers):
+        raise ValueError(f"passes {given} carry audio but the model's transformers have no Talk modules (attach_talk)")
     shape = (1, spec.latent_channels, *y.shape[-3:])
     x = torch.randn(shape, generator=generator, dtype=torch.float32).to(model.device)
     y = y.to(model.device, model.dtype)
     sigmas = inference_sigmas(steps, shift).tolist()
-    for i in range(steps):
-        t = sigmas[i] * 1000.0
-        transformer = model.transformers[spec.expert_for_timestep(t)]
-        timestep = torch.tensor([t], device=model.device, dtype=torch.float32)
-        latent_in = torch.cat([x.to(model.dtype), y], dim=1)
-        velocities = {
-            name: transformer(
-                hidden_states=latent_in,
-                timestep=timestep,
-                encoder_hidden_states=inputs[name].text,
-                encoder_hidden_states_image=inputs[name].image,
-                return_dict=False,
-                **inputs[name].extra,
-            )[0].float()
-            for name in guidance.passes()
-        }
-        x = euler_step(x, guidance.combine(velocities), sigmas[i], sigmas[i + 1])
-        if on_step is not None:
-            on_step(i)
+    try:
+        for i in range(steps):
+            t = sigmas[i] * 1000.0
+            transformer = model.transformers[spec.expert_for_timestep(t)]
+            timestep = torch.tensor([t], device=model.device, dtype=torch.float32)
+            latent_in = torch.cat([x.to(model.dtype), y], dim=1)
+            velocities = {}
+            for name in names:
+                if transformer in talking:
+                    set_audio(transformer, inputs[name].audio)
+                velocities[name] = transformer(
+                    hidden_states=latent_in,
+                    timestep=timestep,
+                    encoder_hidden_states=inputs[name].text,
+                    encoder_hidden_states_image=inputs[name].image,
+                    return_dict=False,
+                    **inputs[name].extra,
+                )[0].float()
+            x = euler_step(x, guidance.combine(velocities), sigmas[i], sigmas[i + 1])
+            if on_step is not None:
+                on_step(i)
+    finally:
+        for transformer in talking:  # no audio left behind for whoever runs the model next
+            set_audio(transformer, None)
     return x

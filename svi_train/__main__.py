@@ -7,7 +7,6 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from svi_infer.app import USER_ERRORS
 from svi_train.config import register
 
 register()
@@ -15,7 +14,8 @@ register()
 
 @hydra.main(version_base="1.3", config_path="pkg://conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    from svi_train.run import run  # after composition: `--cfg job` needs no torch start-up
+    from svi_infer.app import USER_ERRORS  # after composition: `--cfg job` needs no torch start-up
+    from svi_train.run import run
 
     try:
         adapter = run(cfg)

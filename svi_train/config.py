@@ -72,6 +72,24 @@ class CallbackSettings:
     save_banks: bool = True  # error banks in checkpoints: exact resume, at the cost of their size
 
 
+@dataclass(frozen=True)
+class ConditioningSettings:
+    """Training-only settings of the Talk / Dance conditioning (reference/svi.md §3.4, §3.5); the variant itself
+    is ``variant.conditioning`` (audio | pose | null). The defaults drop nothing, and text-only experiments never
+    draw for it, so their random streams are those of a run without this node."""
+
+    audio_dropout: float = 0.0  # Talk: both audio windows zeroed for the sample (SVI: 0.1)
+    pose_dropout: float = 0.0  # Dance: the encoded pose zeroed (SVI: 0.05)
+    pose_and_image_dropout: float = 0.0  # Dance: pose, y and the CLIP tokens zeroed, no y error (SVI: 0.1)
+    pose_encoder: str | None = None  # Dance: initial pose encoder weights (dwpose_embedding.*); None: random init
+
+    def __post_init__(self) -> None:
+        for name in ("audio_dropout", "pose_dropout", "pose_and_image_dropout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"conditioning.{name} must be a probability in [0, 1], got {value!r}")
+
+
 def register() -> None:
     """Make the schemas available as ``<group>/schema`` for the YAML files to extend."""
     cs = ConfigStore.instance()
@@ -83,6 +101,7 @@ def register() -> None:
         ("logger", LoggerSettings),
         ("callbacks", CallbackSettings),
         ("optim", OptimSettings),
+        ("conditioning", ConditioningSettings),
     ):
         schema = OmegaConf.structured(node)
         OmegaConf.set_readonly(schema, False)  # frozen in code, but YAML files and overrides must set fields

@@ -87,6 +87,8 @@ class _Validated:
                 "cond": {int(k.removeprefix("cond.m")): v for k, v in t.items() if k.startswith("cond.m")},
                 "text": padded_text(t["text"]),
                 "image": t.get("image"),
+                "audio": t.get("audio"),  # Talk: [F, layers, dim] wav2vec2 features, one row per video frame
+                "pose": t.get("pose"),  # Dance: [3, F, H, W] uint8 pose video
                 "num_frames": sample.meta["num_frames"],
                 "data_skipped": self.skipped,
             }
@@ -107,8 +109,15 @@ def _bucketed(batch_size: int):
     return stage
 
 
+def _stacked(samples: list[dict], name: str) -> Tensor | None:
+    """``name`` stacked over the batch, or None unless every sample has it (the step then says what is missing)."""
+    values = [s.get(name) for s in samples]
+    return None if any(v is None for v in values) else torch.stack(values)
+
+
 def collate(samples: list[dict]) -> dict:
-    """Stack tensors; conditioning variants present in every sample are kept."""
+    """Stack tensors; conditioning variants present in every sample are kept. ``audio`` is ``[B, F, layers,
+    dim]`` and ``pose`` uint8 ``[B, 3, F, H, W]`` when every sample holds them, else None."""
     counts = sorted(set.intersection(*(set(s["cond"]) for s in samples)))
     batch = {
         "key": [s["key"] for s in samples],
@@ -116,6 +125,8 @@ def collate(samples: list[dict]) -> dict:
         "cond": {m: torch.stack([s["cond"][m] for s in samples]) for m in counts},
         "text": torch.stack([s["text"] for s in samples]),
         "image": torch.stack([s["image"] for s in samples]) if samples[0]["image"] is not None else None,
+        "audio": _stacked(samples, "audio"),
+        "pose": _stacked(samples, "pose"),
         "num_frames": samples[0]["num_frames"],
         "data_skipped": max(s["data_skipped"] for s in samples),
     }

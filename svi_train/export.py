@@ -8,6 +8,10 @@ checkpoint directory is consolidated first). Formats:
   metadata (so alpha survives; diffusers' ``load_lora_weights`` reads it);
 * ``comfyui``: one ``.safetensors`` with ``diffusion_model.`` + Wan's original module names,
   ``lora_A`` / ``lora_B`` and a ``.alpha`` per module.
+
+A Dance adapter's pose encoder (``dwpose_embedding.<i>.weight`` / ``.bias``) goes into every format: unprefixed in
+``peft`` and ``comfyui`` (as SVI's ``svi-dance.safetensors`` holds it), ``transformer.``-prefixed in ``diffusers``;
+``svi_infer.adapters.load_adapter`` reads it back from each.
 """
 
 from __future__ import annotations
@@ -26,7 +30,14 @@ from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from svi_infer.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SVI_META, AdapterError, original_module_name
+from svi_infer.adapters import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    SVI_META,
+    AdapterError,
+    is_pose_key,
+    original_module_name,
+)
 from svi_infer.atomic import atomic_path
 
 FORMATS = ("peft", "diffusers", "comfyui")
@@ -65,15 +76,19 @@ def read_adapter(source: str | Path) -> tuple[dict[str, Tensor], dict, dict]:
     weights = {
         k.removeprefix(prefix).replace(f".{adapter}.", "."): v
         for k, v in checkpoint["state_dict"].items()
-        if k.startswith(prefix) and ".lora_" in k
+        if k.startswith(prefix) and (".lora_" in k or is_pose_key(k))
     }
     return weights, info["lora_config"], info["meta"]
 
 
 def to_comfyui(weights: dict[str, Tensor], config: dict) -> dict[str, Tensor]:
-    """``diffusion_model.<original name>.lora_A/lora_B.weight`` + ``.alpha`` per module."""
+    """``diffusion_model.<original name>.lora_A/lora_B.weight`` + ``.alpha`` per module; pose encoder weights
+    keep their ``dwpose_embedding.*`` names."""
     out: dict[str, Tensor] = {}
     for key, value in weights.items():
+        if is_pose_key(key):
+            out[key] = value
+            continue
         module, tail = key.rsplit(".lora_", 1)
         name = original_module_name(module)
         out[f"diffusion_model.{name}.lora_{tail}"] = value

@@ -6,7 +6,7 @@ import json
 import random
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import lightning as L
@@ -20,8 +20,10 @@ from svi_infer.atomic import write_with
 from svi_infer.conditioning import first_frames_mask, with_mask
 from svi_infer.flow import add_noise, velocity_target
 from svi_infer.model import build_model
+from svi_infer.pose import set_pose
 from svi_infer.spec import ModelSpec
-from svi_train.config import LoraSettings, OptimSettings
+from svi_infer.talk import set_audio
+from svi_train.config import ConditioningSettings, LoraSettings, OptimSettings
 from svi_train.data import choose_cond
 from svi_train.export import CHECKPOINT_KEY
 from svi_train.recycling import (
@@ -40,6 +42,17 @@ from svi_train.recycling import (
     should_update,
 )
 from svi_train.strategies import clip_gradients, make_optimizer, unwrapped_name
+from svi_train.variants import (
+    AUDIO,
+    POSE,
+    Dropped,
+    PoseKeep,
+    build_pose,
+    build_talk,
+    check_kind,
+    draw_dropout,
+    talk_windows,
+)
 
 
 def json_safe(data: dict) -> dict:
@@ -64,6 +77,8 @@ class SVILitModule(L.LightningModule):
         variant_defaults: dict | None = None,
         seed: int = 0,
         save_banks: bool = True,
+        conditioning: ConditioningSettings | None = None,
+        multitalk: str | None = None,
     ) -> None:
         super().__init__()
         if len(spec.experts) != 1 or not spec.conditioning_by_concat:
@@ -72,10 +87,20 @@ class SVILitModule(L.LightningModule):
         self.motion_frames, self.p_more_motion = tuple(motion_frames), p_more_motion
         self.variant_defaults = dict(variant_defaults or {})
         self.seed, self.save_banks = seed, save_banks
+        # Talk (audio) / Dance (pose), from variant.conditioning; None: text only
+        self.kind = check_kind(self.variant_defaults.get("conditioning"))
+        self.conditioning = conditioning or ConditioningSettings()
         self.model = build_model(spec, model_path)
         self.transformer = self.model.transformers[0]
         self.transformer.requires_grad_(False)
         self.transformer.add_adapter(self.lora_config(), adapter_name=self.ADAPTER)
+        # after add_adapter: the audio modules stay out of peft's reach (frozen, no LoRA); the pose encoder
+        # stays trainable (add_adapter freezes whatever is not a LoRA)
+        self.talk = build_talk(self.model, multitalk) if self.kind == AUDIO else None
+        # the encoder is reachable as transformer.dwpose_embedding only: a second attribute here would put its
+        # weights into state_dict() twice
+        pose = build_pose(self.transformer, self.conditioning.pose_encoder, seed) if self.kind == POSE else None
+        self._pose_keep = PoseKeep(pose) if pose is not None else None
         self.transformer.train()
         if optim.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
@@ -128,13 +153,21 @@ class SVILitModule(L.LightningModule):
         # draws and injection per sample, on CPU with this rank's generator
         draw = self.timesteps.sample(x0.shape[0], g)
         grids = grid_of(draw.timestep, self.anchors).view(-1)
-        samples = [self._recycled_inputs(x0[i], y[i], draw.sigma[i], int(grids[i])) for i in range(x0.shape[0])]
+        dropped = [draw_dropout(self.kind, self.conditioning, g) for _ in range(x0.shape[0])]
+        samples = [
+            self._recycled_inputs(x0[i], y[i], draw.sigma[i], int(grids[i]), dropped[i].image)
+            for i in range(x0.shape[0])
+        ]
         x_t, y_t, v_target = (torch.stack([s[j] for s in samples]).to(device) for j in range(3))
         flags = [s[3] for s in samples]
         sigma = draw.sigma.to(device).view(-1, 1, 1, 1, 1)
         t = draw.timestep.to(device)
         weight = draw.weight.to(device)
         image = batch["image"].to(device) if batch["image"] is not None else None
+        if image is not None and any(d.image for d in dropped):  # Dance: the CLIP tokens go with y
+            keep = torch.tensor([not d.image for d in dropped], device=device, dtype=image.dtype)
+            image = image * keep.view(-1, 1, 1)
+        self._set_conditioning(batch, dropped)
         v_pred = self._predict(torch.cat([x_t, y_t], dim=1), t, batch["text"].to(device), image)
         per_sample = F.mse_loss(v_pred.float(), v_target.float(), reduction="none").mean(dim=(1, 2, 3, 4))
         loss = (per_sample * weight).mean()
@@ -150,6 +183,25 @@ class SVILitModule(L.LightningModule):
         self._log_step(loss, m, batch, time.perf_counter() - t_bank, time.perf_counter() - t_start, data_wait)
         self._last_step_end = time.perf_counter()  # the step's backward and optimizer run after this; close enough
         return loss
+
+    def _set_conditioning(self, batch: dict, dropped: list[Dropped]) -> None:
+        """The step's audio windows (Talk) or pose video (Dance) on the DiT, with this step's dropout."""
+        if self.kind == AUDIO:
+            if batch.get("audio") is None:
+                raise ValueError(
+                    f"variant.conditioning=audio (Talk) but the batch of samples {batch['key']} holds no audio "
+                    "features: prepare the shards with `python -m data_tools prepare audio=true fps=25 ...`"
+                )
+            set_audio(self.transformer, talk_windows(batch["audio"], dropped, self.talk.config))
+        elif self.kind == POSE:
+            if batch.get("pose") is None:
+                raise ValueError(
+                    f"variant.conditioning=pose (Dance) but the batch of samples {batch['key']} holds no pose "
+                    "video: prepare the shards with `python -m data_tools prepare pose=true fps=25 ...` "
+                    "(<name>.pose.mp4 beside each video)"
+                )
+            self._pose_keep.set(dropped)  # dropped samples: the encoded pose times 0 (exactly the plain tokens)
+            set_pose(self.transformer, batch["pose"].to(self.device))
 
     def _predict(self, latent_in: torch.Tensor, t: torch.Tensor, text: torch.Tensor, image: torch.Tensor | None):
         # the DiT's compute dtype: bf16 weights under DeepSpeed bf16 and FSDP mixed precision, where self.dtype
@@ -207,13 +259,20 @@ class SVILitModule(L.LightningModule):
 
         handle = base.register_step_post_hook(put_back)
 
-    def _recycled_inputs(self, x0: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor, grid: int):
-        """One sample's DiT input, conditioning and target, with errors from the banks injected (on CPU)."""
+    def _recycled_inputs(self, x0: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor, grid: int, drop_y: bool = False):
+        """One sample's DiT input, conditioning and target, with errors from the banks injected (on CPU).
+
+        ``drop_y`` (Dance's pose-and-image dropout): y is zeroed, mask included, and gets no error.
+        """
         cfg, g = self.recycling, self.generator
         noise = torch.randn(x0.shape, generator=g)
+        if drop_y:
+            y = torch.zeros_like(y)
         if not cfg.enabled:  # the plain-LoRA baseline
             return add_noise(x0, noise, sigma), y, velocity_target(x0, noise), None
         flags = draw_flags(cfg, g)
+        if drop_y:
+            flags = replace(flags, cond=False)
         injected = inject(x0, noise, y, grid, self.noise_errors, self.x0_errors, cfg, g, flags)
         x_t, v_target = recycled_input_and_target(x0, injected, sigma)  # the target points to the CLEAN x0
         return x_t, injected.y, v_target, flags

@@ -12,13 +12,21 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from svi_infer.generate import GenerationSettings
-from svi_infer.spec import get_spec
+from svi_infer.spec import ModelSpec, get_spec
 from svi_train.callbacks import AdapterExport, RolloutPreview
-from svi_train.config import CallbackSettings, LoggerSettings, LoraSettings, OptimSettings, TrainerSettings
+from svi_train.config import (
+    CallbackSettings,
+    ConditioningSettings,
+    LoggerSettings,
+    LoraSettings,
+    OptimSettings,
+    TrainerSettings,
+)
 from svi_train.data import DataConfig, WdsDataModule, read_index
 from svi_train.module import SVILitModule
 from svi_train.recycling import RecyclingConfig
 from svi_train.strategies import make_strategy
+from svi_train.variants import check_kind
 
 
 def _typed(cls, node):
@@ -48,6 +56,40 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.replace(tmp, path)
 
 
+def _check_variant(
+    cfg: DictConfig,
+    spec: ModelSpec,
+    variant: dict,
+    conditioning: ConditioningSettings,
+    index: dict,
+    callbacks: CallbackSettings,
+) -> str | None:
+    """Talk / Dance settings that would only fail after the model is built, checked first; returns the MultiTalk
+    weights file for Talk (None otherwise, or for a tiny model's random audio modules)."""
+    kind = check_kind(variant.get("conditioning"))
+    if kind is None:
+        return None
+    fps = variant.get("fps")
+    if fps is not None and float(fps) != float(index["fps"]):
+        raise ValueError(
+            f"variant.fps={fps}, but the shards in {cfg.data.path} were prepared at {index['fps']} fps: the "
+            f"{kind} conditioning follows the video frames, so prepare them with fps={fps} (or set variant.fps)"
+        )
+    if callbacks.preview_every_n_steps:
+        raise ValueError(
+            f"callbacks.preview_every_n_steps: rollout previews do not feed {kind} conditioning; set it to 0 and "
+            "generate with svi_infer from the exported adapters instead"
+        )
+    if kind == "pose" and conditioning.pose_encoder and not Path(conditioning.pose_encoder).expanduser().exists():
+        raise FileNotFoundError(f"conditioning.pose_encoder {conditioning.pose_encoder} does not exist")
+    multitalk = OmegaConf.select(cfg, "model.multitalk", default=None) if kind == "audio" else None
+    if kind == "audio" and multitalk is None and not spec.tiny:
+        raise ValueError(f"Talk training on {spec.id} needs model.multitalk=<path to multitalk.safetensors>")
+    if multitalk is not None and not Path(multitalk).expanduser().is_file():
+        raise FileNotFoundError(f"model.multitalk {multitalk} does not exist (MultiTalk's multitalk.safetensors)")
+    return multitalk
+
+
 def run(cfg: DictConfig) -> Path:
     """Train; returns the final adapter directory."""
     spec = get_spec(cfg.model.spec)
@@ -61,6 +103,8 @@ def run(cfg: DictConfig) -> Path:
     trainer_cfg = _typed(TrainerSettings, cfg.trainer)
     callbacks_cfg = _typed(CallbackSettings, cfg.callbacks)
     variant = OmegaConf.to_container(cfg.variant, resolve=True)
+    conditioning = _typed(ConditioningSettings, cfg.conditioning)
+    multitalk = _check_variant(cfg, spec, variant, conditioning, index, callbacks_cfg)
     L.seed_everything(cfg.seed, workers=True)
     module = SVILitModule(
         spec,
@@ -73,6 +117,8 @@ def run(cfg: DictConfig) -> Path:
         variant_defaults=variant,
         seed=cfg.seed,
         save_banks=callbacks_cfg.save_banks,
+        conditioning=conditioning,
+        multitalk=multitalk,
     )
     export = AdapterExport(run_dir / "adapters", callbacks_cfg.export_every_n_steps)
     callbacks = [

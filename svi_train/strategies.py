@@ -23,6 +23,8 @@ from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, Strategy
 from torch import Tensor, nn
 
+from svi_infer.pose import POSE_KEY
+
 
 class CPUDeepSpeedStrategy(DeepSpeedStrategy):
     """DeepSpeed ZeRO on CPU processes (DeepSpeed picks its CPU accelerator by itself when no GPU is visible).
@@ -234,7 +236,8 @@ def lora_state_dict(
     strategy: Strategy, transformer: nn.Module, adapter_name: str = "default", rank0_only: bool = False
 ) -> dict[str, Tensor]:
     """The adapter's full weights on the CPU, keyed like peft's ``get_peft_model_state_dict``
-    (``blocks.0.attn1.to_q.lora_A.weight``), under any strategy.
+    (``blocks.0.attn1.to_q.lora_A.weight``), under any strategy; with a pose encoder attached (Dance), its
+    trained weights too, as ``dwpose_embedding.<i>.weight`` / ``.bias`` (the layout of SVI's dance LoRA file).
 
     A collective: every rank must call it. ZeRO-3 and FSDP keep only a shard of each weight per rank, so they
     are gathered first; the parameters are read directly because ``state_dict()`` under FSDP is itself a
@@ -249,7 +252,9 @@ def lora_state_dict(
             return {}
         weights = {}
         for name, param in transformer.named_parameters():
-            if ".lora_" not in name or f".{adapter_name}." not in name:
-                continue
-            weights[unwrapped_name(name).replace(f".{adapter_name}.", ".")] = param.detach().to("cpu", copy=True)
+            name = unwrapped_name(name)
+            if name.startswith(POSE_KEY + "."):
+                weights[name] = param.detach().to("cpu", copy=True)
+            elif ".lora_" in name and f".{adapter_name}." in name:
+                weights[name.replace(f".{adapter_name}.", ".")] = param.detach().to("cpu", copy=True)
         return weights

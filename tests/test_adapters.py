@@ -5,7 +5,7 @@ import torch
 from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_wan_lora_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from svi_infer.adapters import (
     AdapterError,
@@ -18,6 +18,7 @@ from svi_infer.adapters import (
     set_strength,
 )
 from svi_infer.model import build_model
+from svi_infer.pose import PoseEncoder, attach_pose, find_pose_encoder, pose_state_dict, set_pose
 from svi_infer.spec import get_spec
 from tests.conftest import TINY21, TINY22, dit_inputs
 
@@ -137,9 +138,9 @@ def test_unmatched_keys_are_named_and_refused(tmp_path):
     state = _trained(build_model(get_spec(TINY21)))
     state = {f"diffusion_model.{'.'.join(_original_name(k))}": v for k, v in state.items()}
     state["diffusion_model.blocks.0.self_attn.q_bogus.lora_A.weight"] = torch.zeros(4, 24)
-    state["dwpose_embedding.0.weight"] = torch.zeros(3)
+    state["diffusion_model.head.modulation"] = torch.zeros(3)
     save_file(state, str(tmp_path / "lora.safetensors"))
-    with pytest.raises(AdapterError, match=r"2 entries .*: dwpose_embedding.0.weight, ") as err:
+    with pytest.raises(AdapterError, match=r"2 entries .*: diffusion_model.head.modulation, ") as err:
         load_adapter(build_model(get_spec(TINY21)), tmp_path / "lora.safetensors")
     assert "diffusion_model.blocks.0.self_attn.q_bogus.lora_A.weight" in str(err.value)
     model = build_model(get_spec(TINY21))
@@ -203,3 +204,92 @@ def test_svi_json_is_plain_json(tmp_path):
     save_adapter(model.transformers[0], tmp_path / "a", AdapterMeta.for_spec(model.spec, defaults={"cfg_scale": 5.0}))
     data = json.loads((tmp_path / "a" / "svi.json").read_text())
     assert data["base"]["spec"] == TINY21 and data["defaults"] == {"cfg_scale": 5.0} and data["expert"] is None
+
+
+# -- SVI-Dance: the pose encoder travels with the LoRA ---------------------------------------------------------------
+
+
+def _pose():
+    return torch.randint(0, 256, (1, 3, 9, 48, 80), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+
+
+def _dance(model):
+    """A trained-looking Dance transformer: random LoRA + random pose encoder, posed."""
+    state = _trained(model)
+    torch.manual_seed(4)
+    attach_pose(model.transformers[0], PoseEncoder(24))
+    set_pose(model.transformers[0], _pose())
+    return state, pose_state_dict(model.transformers[0])
+
+
+def _same_pose(model, pose_weights):
+    encoder = find_pose_encoder(model.transformers[0])
+    assert isinstance(encoder, PoseEncoder) and encoder[0].weight.dtype == torch.float32
+    loaded = pose_state_dict(encoder)
+    return loaded.keys() == pose_weights.keys() and all(torch.equal(loaded[k], v) for k, v in pose_weights.items())
+
+
+def test_dance_adapter_directory_carries_and_restores_the_pose_encoder(tmp_path):
+    trained = build_model(get_spec(TINY21))
+    _, pose = _dance(trained)
+    reference = _out(trained)
+    meta = AdapterMeta.for_spec(trained.spec, defaults={"conditioning": "pose"})
+    save_adapter(trained.transformers[0], tmp_path / "dance", meta)
+    file = load_file(str(tmp_path / "dance" / "adapter_model.safetensors"))
+    assert sorted(k for k in file if k.startswith("dwpose_embedding.")) == sorted(pose)
+    fresh = build_model(get_spec(TINY21))
+    assert load_adapter(fresh, tmp_path / "dance").defaults == {"conditioning": "pose"}
+    assert _same_pose(fresh, pose)
+    set_pose(fresh.transformers[0], _pose())
+    assert torch.equal(_out(fresh), reference)
+
+
+@pytest.mark.parametrize("style", ["svi_v1", "svi_v2", "comfy"])
+def test_official_dance_files_attach_the_pose_encoder(tmp_path, style):
+    trained = build_model(get_spec(TINY21))
+    state, pose = _dance(trained)
+    reference = _out(trained)
+    file = {}
+    for key, value in state.items():
+        module, kind = _original_name(key)
+        if style == "comfy":
+            file[f"diffusion_model.{module}.{kind}"] = value
+            file[f"diffusion_model.{module}.alpha"] = torch.tensor(4.0)
+        else:
+            prefix = "pipe.dit." if style == "svi_v1" else ""
+            file[f"{prefix}{module}.{kind.replace('.weight', '.default.weight')}"] = value
+    pose_prefix = {"svi_v1": "", "svi_v2": "pipe.", "comfy": "diffusion_model."}[style]
+    file |= {pose_prefix + k: v for k, v in pose.items()}
+    save_file(file, str(tmp_path / "svi-dance.safetensors"))
+    fresh = build_model(get_spec(TINY21))
+    load_adapter(fresh, tmp_path / "svi-dance.safetensors")
+    assert _same_pose(fresh, pose)
+    set_pose(fresh.transformers[0], _pose())
+    assert torch.allclose(_out(fresh), reference, atol=1e-6)
+
+
+def test_broken_pose_weights_are_refused_before_anything_loads(tmp_path):
+    trained = build_model(get_spec(TINY21))
+    state, pose = _dance(trained)
+    del pose["dwpose_embedding.12.bias"]
+    pose["dwpose_embedding.0.weight"] = pose["dwpose_embedding.0.weight"][:8]
+    save_file({**state, **pose}, str(tmp_path / "broken.safetensors"))
+    model = build_model(get_spec(TINY21))
+    with pytest.raises(AdapterError, match=r"missing dwpose_embedding.12.bias.*wrong shape dwpose_embedding.0.weight"):
+        load_adapter(model, tmp_path / "broken.safetensors")
+    assert not lora_modules(model.transformers[0]) and find_pose_encoder(model.transformers[0]) is None
+
+
+def test_a_shared_dance_lora_gives_both_wan22_experts_one_encoder(tmp_path):
+    source = build_model(get_spec(TINY22))
+    source.transformers[0].add_adapter(LoraConfig(r=2, target_modules=TARGETS, init_lora_weights=False))
+    attach_pose(source.transformers[0], PoseEncoder(source.transformers[0].patch_embedding.out_channels))
+    weights = get_peft_model_state_dict(source.transformers[0]) | pose_state_dict(source.transformers[0])
+    save_file(weights, str(tmp_path / "shared.safetensors"))
+    model = build_model(get_spec(TINY22))
+    load_adapter(model, tmp_path / "shared.safetensors")
+    high, low = (find_pose_encoder(t) for t in model.transformers)
+    assert high is low is not None
+    model = build_model(get_spec(TINY22))
+    load_adapter(model, tmp_path / "shared.safetensors", expert="low_noise")
+    assert find_pose_encoder(model.transformers[0]) is None and find_pose_encoder(model.transformers[1]) is not None
