@@ -26,6 +26,7 @@ from svi_infer.pose import PoseEncoder, attach_pose, find_pose_encoder, pose_fra
 from svi_infer.sampler import PassInputs, TalkGuidance, sample_clip
 from svi_infer.talk import AudioWindows, get_talk, latent_windows, set_audio
 from svi_infer.video_io import probe_streams, read_video, write_mp4
+from tests.test_generate import _interrupt_at
 
 SR = 16000
 F = 13  # frames per clip in these tests (4k+1)
@@ -70,17 +71,6 @@ def dance21(tiny21):
 
 def _talk(model, **kw) -> LongVideoGenerator:
     return LongVideoGenerator(model, GenerationSettings(**{**TALK, **kw}), audio_encoder=AudioEncoder.tiny())
-
-
-def _interrupt_at(monkeypatch, clip):
-    original = LongVideoGenerator._clip
-
-    def failing(self, k, *args):
-        if k == clip:
-            raise KeyboardInterrupt
-        return original(self, k, *args)
-
-    monkeypatch.setattr(LongVideoGenerator, "_clip", failing)
 
 
 # --- guidance ------------------------------------------------------------------------------------------------
