@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import colorsys
+import itertools
 import math
 import sys
 from collections.abc import Sequence
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from svi_infer.atomic import atomic_path
+from svi_infer.video_io import write_mp4
 
 DETECT_SCORE = 0.1  # candidates kept for NMS
 NMS_IOU = 0.45
@@ -290,21 +291,11 @@ def extract_pose_video(video: str | Path, output: str | Path, dwpose: DWPose) ->
     reader = imageio_ffmpeg.read_frames(str(video), pix_fmt="rgb24")
     try:
         (w, h), fps = (meta := next(reader))["size"], meta.get("fps") or 16
-        with atomic_path(output) as tmp:
-            writer = imageio_ffmpeg.write_frames(
-                str(tmp), (w, h), fps=fps, codec="libx264", pix_fmt_out="yuv420p", macro_block_size=1,
-                output_params=["-threads", "1"], ffmpeg_log_level="error",
-            )  # fmt: skip
-            writer.send(None)
-            frames = 0
-            try:
-                for raw in reader:
-                    writer.send(np.ascontiguousarray(dwpose(np.frombuffer(raw, dtype=np.uint8).reshape(h, w, 3))))
-                    frames += 1
-            finally:
-                writer.close()
-            if not frames:
-                raise DWPoseError(f"video {video} has no frames")
+        first = next(reader, None)
+        if first is None:
+            raise DWPoseError(f"video {video} has no frames")
+        frames = (np.frombuffer(raw, dtype=np.uint8).reshape(h, w, 3) for raw in itertools.chain([first], reader))
+        write_mp4(output, (dwpose(frame) for frame in frames), fps)
     except (OSError, RuntimeError, StopIteration) as err:
         lines = [line for line in str(err).splitlines() if line.strip()]
         raise DWPoseError(f"cannot make {output} from {video}: {lines[-1] if lines else type(err).__name__}") from None

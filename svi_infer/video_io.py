@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 import subprocess
+from collections.abc import Iterable
 from pathlib import Path
 
 import imageio_ffmpeg
@@ -49,18 +51,28 @@ def tensor_to_frames(video: Tensor) -> np.ndarray:
     return video.permute(1, 2, 3, 0).numpy()
 
 
-def write_mp4(path: str | Path, frames: np.ndarray, fps: float) -> None:
-    """Encode ``[T, H, W, 3]`` uint8 frames with libx264 (yuv420p), atomically."""
-    t, h, w, _ = frames.shape
+def write_mp4(path: str | Path, frames: np.ndarray | Iterable[np.ndarray], fps: float) -> int:
+    """Encode uint8 ``[H, W, 3]`` frames (a ``[T, H, W, 3]`` array, or any iterable, streamed) with libx264
+    (yuv420p), atomically; returns the number of frames written."""
+    frames = iter(frames)
+    first = next(frames, None)
+    if first is None:
+        raise ValueError(f"no frames to write to {path}")
+    h, w = first.shape[:2]
+    count = 0
     with atomic_path(path) as tmp:
         writer = imageio_ffmpeg.write_frames(
             str(tmp), (w, h), fps=fps, codec="libx264", pix_fmt_out="yuv420p", macro_block_size=1,
             output_params=["-threads", "1"], ffmpeg_log_level="error",
         )  # fmt: skip
         writer.send(None)
-        for frame in frames:
-            writer.send(np.ascontiguousarray(frame))
-        writer.close()
+        try:
+            for frame in itertools.chain([first], frames):
+                writer.send(np.ascontiguousarray(frame))
+                count += 1
+        finally:
+            writer.close()
+    return count
 
 
 def concat_mp4(parts: list[Path], output: str | Path) -> None:
