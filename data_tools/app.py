@@ -8,6 +8,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
+from data_tools.augment import AugmentSettings
+from data_tools.encode import HANDOFFS, configure_vae
 from data_tools.report import Report
 from data_tools.stages import (
     DataSettings,
@@ -21,6 +23,7 @@ from data_tools.stages import (
     run_verify,
     shard_urls,
 )
+from data_tools.windows import resolve_buckets
 from svi_infer.audio import AudioEncoder
 from svi_infer.conditioning import check_frames_per_clip
 from svi_infer.model import build_model, resolve_device
@@ -35,21 +38,33 @@ class DataRunError(RuntimeError):
 
 def settings_from(cfg: DictConfig, spec: ModelSpec) -> DataSettings:
     """Checked settings; defaults that depend on the model come from its spec."""
-    check_frames_per_clip(cfg.frames_per_clip, spec.vae_temporal)
-    buckets = tuple(tuple(b) for b in cfg.buckets) if cfg.buckets else ((spec.height, spec.width),)
-    for h, w in buckets:
-        if h % spec.spatial_multiple or w % spec.spatial_multiple:
-            raise ValueError(f"bucket {h}x{w} must be a multiple of {spec.spatial_multiple}")
+    frames = int(cfg.frames_per_clip or spec.frames_per_clip)  # null: the model's (81; 121 for TI2V-5B)
+    check_frames_per_clip(frames, spec.vae_temporal)
+    buckets = resolve_buckets(cfg.buckets, spec.spatial_multiple, (spec.height, spec.width))
     motion = tuple(int(m) for m in cfg.motion_frames)
-    if not motion or not all(1 <= m < cfg.frames_per_clip for m in motion):
-        raise ValueError(f"motion_frames must be counts in 1..{cfg.frames_per_clip - 1}, got {list(motion)}")
-    for name, allowed in (("short_videos", ("skip", "pad")), ("crop", ("center", "random"))):
+    if not motion or not all(1 <= m < frames for m in motion):
+        raise ValueError(f"motion_frames must be counts in 1..{frames - 1}, got {list(motion)}")
+    for name, allowed in (("short_videos", ("skip", "pad")), ("crop", ("center", "random")), ("handoff", HANDOFFS)):
         if cfg[name] not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, got {cfg[name]!r}")
+    latents = tuple(int(n) for n in cfg.motion_latents)
+    room = spec.latent_frames(frames) - 1  # latents after the anchor latent
+    if cfg.handoff == "latent" and (not latents or not all(1 <= n < room for n in latents)):
+        raise ValueError(
+            f"motion_latents must be counts n >= 1 that leave room after the anchor latent in a "
+            f"{room + 1}-latent clip (n < {room}; frames_per_clip={frames}), got {list(latents)}"
+        )
+    tile, tile_stride = int(cfg.vae_tile_size), int(cfg.vae_tile_stride)
+    if cfg.vae_tiling and (tile % spec.vae_spatial or tile_stride % spec.vae_spatial or not 0 < tile_stride <= tile):
+        raise ValueError(
+            f"vae_tile_size ({tile}) and vae_tile_stride ({tile_stride}) must be multiples of {spec.vae_spatial} "
+            "with 0 < stride <= size"
+        )
+    augment = AugmentSettings.from_dict(OmegaConf.to_container(cfg.augment) if cfg.augment is not None else None)
     return DataSettings(
-        frames_per_clip=cfg.frames_per_clip,
+        frames_per_clip=frames,
         fps=float(cfg.fps or spec.fps),
-        stride=int(cfg.stride or cfg.frames_per_clip),
+        stride=int(cfg.stride or frames),
         short_videos=cfg.short_videos,
         buckets=buckets,
         crop=cfg.crop,
@@ -60,12 +75,21 @@ def settings_from(cfg: DictConfig, spec: ModelSpec) -> DataSettings:
         audio=cfg.audio,
         pose=cfg.pose,
         seed=cfg.seed,
+        handoff=cfg.handoff,
+        motion_latents=tuple(sorted(set(latents))),
+        augment=augment,
+        vae_tiling=bool(cfg.vae_tiling),
+        vae_tile_size=tile,
+        vae_tile_stride=tile_stride,
     )
 
 
-def _model(cfg: DictConfig, spec: ModelSpec):
+def _model(cfg: DictConfig, spec: ModelSpec, settings: DataSettings | None = None):
     device, dtype = resolve_device(cfg.model.device, cfg.model.dtype)
-    return build_model(spec, cfg.model.path, device, dtype)
+    model = build_model(spec, cfg.model.path, device, dtype)
+    if settings is not None:
+        configure_vae(model, settings.vae_tiling, settings.vae_tile_size, settings.vae_tile_stride)
+    return model
 
 
 def _audio_encoder(cfg: DictConfig, spec: ModelSpec, device) -> AudioEncoder | None:
@@ -118,7 +142,7 @@ def run(cfg: DictConfig) -> None:
             return
     manifest = load_manifest(output, settings)
     if cfg.command in ("prepare", "encode"):
-        model = _model(cfg, spec)
+        model = _model(cfg, spec, settings)
         run_encode(manifest, output, settings, model, report, _audio_encoder(cfg, spec, model.device), cfg.progress)
     index = run_pack(manifest, output, settings, spec.id, cfg.shard_max_bytes) if cfg.command != "encode" else None
     if cfg.command == "prepare":

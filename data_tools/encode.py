@@ -10,6 +10,7 @@ import torch
 from diffusers.pipelines.wan.pipeline_wan_i2v import prompt_clean
 from PIL import Image
 
+from data_tools.augment import AugmentParams, apply_params
 from svi_infer.audio import features_for_frames
 from svi_infer.conditioning import conditioning_video
 from svi_infer.model import WanModel
@@ -17,6 +18,7 @@ from svi_infer.schema import SCHEMA_VERSION, Sample
 from svi_infer.video_io import frames_to_tensor
 
 ANCHOR_MODES = ("outside", "in_clip", "first")
+HANDOFFS = ("pixel", "latent")
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,27 @@ class EncodeSettings:
     fps: float = 16.0
     motion_frames: tuple[int, ...] = (1,)
     ref_pad_num: int = -1
-    anchor: str = "outside"  # where the padding/anchor frame comes from when ref_pad_num != 0
+    anchor: str = "outside"  # where the padding/anchor frame comes from when ref_pad_num != 0 (or handoff=latent)
+    handoff: str = "pixel"  # pixel: cond.m<m> per motion_frames | latent: anchor + motion.n<n> per motion_latents
+    motion_latents: tuple[int, ...] = (1,)
+
+    @property
+    def needs_anchor(self) -> bool:
+        return self.handoff == "latent" or self.ref_pad_num != 0
+
+
+def configure_vae(model: WanModel, tiling: bool, tile_size: int = 256, tile_stride: int = 192) -> None:
+    """Switch the VAE's spatial tiling on (tiles of ``tile_size`` pixels every ``tile_stride``, blended over the
+    overlap: bounds the encoder's memory at 720p) or off."""
+    if tiling:
+        model.vae.enable_tiling(
+            tile_sample_min_height=tile_size,
+            tile_sample_min_width=tile_size,
+            tile_sample_stride_height=tile_stride,
+            tile_sample_stride_width=tile_stride,
+        )
+    else:
+        model.vae.disable_tiling()
 
 
 def choose_anchor(num_source_frames: int, window: tuple[int, ...], mode: str, rng: random.Random) -> int:
@@ -61,18 +83,25 @@ def encode_window(
     anchor: np.ndarray | None,
     audio: tuple[torch.Tensor, float] | None = None,
     pose: np.ndarray | None = None,
+    augment: AugmentParams | None = None,
 ) -> Sample:
-    """One window ``[F, H, W, 3]`` uint8 -> a schema sample (clean latents, conditioning latents per motion
-    count, text at its real length, CLIP for Wan 2.1, audio features and pose frames when given)."""
+    """One window ``[F, H, W, 3]`` uint8 -> a schema sample: clean latents; the hand-off conditioning (pixel:
+    conditioning latents per motion count; latent: the anchor latent and the motion latents per count, SVI 2.0
+    Pro), its motion frames degraded by ``augment`` when given; text at its real length, CLIP for Wan 2.1, audio
+    features and pose frames when given. The clean latents and the anchor are never augmented."""
     video = frames_to_tensor(frames)  # [3, F, H, W]
     anchor_t = frames_to_tensor(anchor[None])[:, 0] if anchor is not None else None
-    videos = [video] + [
-        conditioning_video(video[:, :m], anchor_t, settings.frames_per_clip, settings.ref_pad_num)
-        for m in settings.motion_frames
-    ]
-    latents = model.encode_video(torch.stack(videos)).to(torch.bfloat16).cpu()
-    tensors = {"latents": latents[0]}
-    tensors |= {f"cond.m{m}": latents[i + 1] for i, m in enumerate(settings.motion_frames)}
+    if settings.handoff == "latent":
+        tensors = _latent_handoff(model, settings, video, anchor_t, augment)
+    else:
+        motion = apply_params(video[:, : max(settings.motion_frames)], augment) if augment else video
+        videos = [video] + [
+            conditioning_video(motion[:, :m], anchor_t, settings.frames_per_clip, settings.ref_pad_num)
+            for m in settings.motion_frames
+        ]
+        latents = model.encode_video(torch.stack(videos)).to(torch.bfloat16).cpu()
+        tensors = {"latents": latents[0]}
+        tensors |= {f"cond.m{m}": latents[i + 1] for i, m in enumerate(settings.motion_frames)}
     n = text_length(model, meta["caption"])
     tensors["text"] = model.encode_text([meta["caption"]])[0, :n].to(torch.bfloat16).cpu()
     if model.spec.has_image_encoder:
@@ -94,8 +123,35 @@ def encode_window(
         "num_frames": settings.frames_per_clip,
         "fps": settings.fps,
         "latent_channels": model.spec.latent_channels,
-        "motion_frames": list(settings.motion_frames),
+        "motion_frames": list(settings.motion_frames) if settings.handoff == "pixel" else [],
         "ref_pad_num": settings.ref_pad_num,
+        "handoff": settings.handoff,
+        "motion_latents": list(settings.motion_latents) if settings.handoff == "latent" else [],
+        "augment": augment.to_dict() if augment else None,
         "text_len": n,
     }
     return Sample(key, full_meta, tensors)
+
+
+def _latent_handoff(
+    model: WanModel,
+    settings: EncodeSettings,
+    video: torch.Tensor,
+    anchor: torch.Tensor | None,
+    augment: AugmentParams | None,
+) -> dict[str, torch.Tensor]:
+    """Clean latents, ``anchor`` = the anchor image's latent ``[C, 1, h, w]`` and ``motion.n<n>`` = latents
+    1..n ``[C, n, h, w]`` of the window's first ``1 + 4n`` frames (augmented when asked). The VAE is causal in
+    time, so those frames are encoded once, for the largest ``n``, and each count takes its first latents."""
+    if anchor is None:
+        raise ValueError("handoff=latent needs an anchor frame")
+    latents = model.encode_video(video[None])[0]
+    anchor_latent = model.encode_video(anchor[:, None][None])[0]
+    count = max(settings.motion_latents)
+    head = video[:, : 1 + model.spec.vae_temporal * count]
+    if augment:
+        head = apply_params(head, augment)
+    motion = model.encode_video(head[None])[0]
+    tensors = {"latents": latents, "anchor": anchor_latent}
+    tensors |= {f"motion.n{n}": motion[:, 1 : 1 + n] for n in settings.motion_latents}
+    return {k: v.to(torch.bfloat16).cpu().contiguous() for k, v in tensors.items()}

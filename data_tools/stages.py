@@ -27,6 +27,7 @@ import numpy as np
 import webdataset as wds
 from tqdm.auto import tqdm
 
+from data_tools.augment import AugmentSettings, draw_params
 from data_tools.encode import EncodeSettings, choose_anchor, encode_window
 from data_tools.report import Report
 from data_tools.scan import scan
@@ -38,6 +39,8 @@ from svi_infer.schema import SCHEMA_VERSION, SchemaError, from_members, to_membe
 from svi_infer.video_io import tensor_to_frames
 
 MANIFEST_VERSION = 1
+# DataSettings fields newer than the first manifests (an older manifest lacks them and means their defaults)
+_ADDED_SETTINGS = ("handoff", "motion_latents", "augment", "vae_tiling", "vae_tile_size", "vae_tile_stride")
 
 
 @dataclass(frozen=True)
@@ -57,9 +60,23 @@ class DataSettings:
     audio: bool = False
     pose: bool = False
     seed: int = 0
+    handoff: str = "pixel"  # pixel | latent (SVI 2.0 Pro)
+    motion_latents: tuple[int, ...] = (1,)
+    augment: AugmentSettings = AugmentSettings()
+    vae_tiling: bool = False
+    vae_tile_size: int = 256
+    vae_tile_stride: int = 192
 
     def encode_settings(self) -> EncodeSettings:
-        return EncodeSettings(self.frames_per_clip, self.fps, self.motion_frames, self.ref_pad_num, self.anchor)
+        return EncodeSettings(
+            frames_per_clip=self.frames_per_clip,
+            fps=self.fps,
+            motion_frames=self.motion_frames,
+            ref_pad_num=self.ref_pad_num,
+            anchor=self.anchor,
+            handoff=self.handoff,
+            motion_latents=self.motion_latents,
+        )
 
 
 def _paths(output: Path) -> dict[str, Path]:
@@ -162,7 +179,11 @@ def load_manifest(output: Path, settings: DataSettings) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: run the scan stage (or prepare) first")
     manifest = json.loads(path.read_text(encoding="utf-8"))
-    if manifest["settings"] != json.loads(json.dumps(asdict(settings))):
+    wanted = json.loads(json.dumps(asdict(settings)))
+    # settings added since the manifest was written: their defaults reproduce what the older code did
+    defaults = json.loads(json.dumps(asdict(DataSettings())))
+    stored = {k: v for k, v in defaults.items() if k in _ADDED_SETTINGS} | manifest["settings"]
+    if stored != wanted:
         raise ValueError(
             f"{output} was prepared with other settings; use a new output folder or delete {output / 'work'}"
         )
@@ -236,9 +257,10 @@ def run_encode(
                 frames = crop_resize(read_frames(reader, tuple(w["source_indices"])), box, height, width)
                 anchor_idx = None
                 anchor = None
-                if settings.ref_pad_num != 0:
+                if enc.needs_anchor:
                     anchor_idx = choose_anchor(video["source_frames"], tuple(w["source_indices"]), settings.anchor, rng)
                     anchor = crop_resize(read_frames(reader, (anchor_idx,)), box, height, width)[0]
+                augment = draw_params(settings.augment, rng)  # after the crop and anchor draws: none when off
                 pose = None
                 if pose_reader is not None:
                     pose = crop_resize(read_frames(pose_reader, tuple(w["source_indices"])), box, height, width)
@@ -259,7 +281,7 @@ def run_encode(
                 "anchor_frame": anchor_idx,
             }
             try:
-                sample = encode_window(model, enc, key, meta, frames, anchor, audio, pose)
+                sample = encode_window(model, enc, key, meta, frames, anchor, audio, pose, augment=augment)
                 members = to_members(sample)
             except SchemaError as err:
                 reason = "non_finite" if "non-finite" in str(err) else "invalid_sample"
@@ -307,8 +329,11 @@ def run_pack(manifest: dict, output: Path, settings: DataSettings, spec_id: str,
         "resolutions": sorted([list(r) for r in resolutions]),
         "frames_per_clip": settings.frames_per_clip,
         "fps": settings.fps,
-        "motion_frames": list(settings.motion_frames),
+        "motion_frames": list(settings.motion_frames) if settings.handoff == "pixel" else [],
         "ref_pad_num": settings.ref_pad_num,
+        "handoff": settings.handoff,
+        "motion_latents": list(settings.motion_latents) if settings.handoff == "latent" else [],
+        "augment": asdict(settings.augment),
         "samples": len(files),
         "shards": [
             {"name": n, "samples": c, "bytes": (paths["shards"] / n).stat().st_size} for n, c in sorted(shards.items())

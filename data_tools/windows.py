@@ -44,6 +44,46 @@ def plan_windows(
     return [Window(i, s, tuple(indices[s : s + frames_per_clip])) for i, s in enumerate(starts)]
 
 
+# ``buckets: <name>``: landscape, portrait and square (height, width) sizes of the usual Wan resolutions
+BUCKET_PRESETS: dict[str, tuple[tuple[int, int], ...]] = {
+    "480p": ((480, 832), (832, 480), (624, 624)),
+    "720p": ((720, 1280), (1280, 720), (960, 960)),
+}
+
+
+def round_to_multiple(size: int, multiple: int) -> int:
+    """The nearest multiple of ``multiple`` (ties go down, so 720 -> 704 for 32), never below ``multiple``."""
+    return max(multiple, multiple * math.ceil(size / multiple - 0.5))
+
+
+def resolve_buckets(value, spatial_multiple: int, default: tuple[int, int]) -> tuple[tuple[int, int], ...]:
+    """``buckets`` as ``(height, width)`` tuples: ``None`` -> ``default``; a preset name (:data:`BUCKET_PRESETS`)
+    -> its sizes rounded to ``spatial_multiple``; a list of ``[h, w]`` -> as given (each must be a multiple)."""
+    if value is None:
+        return (tuple(default),)
+    if isinstance(value, str):
+        if value not in BUCKET_PRESETS:
+            raise ValueError(
+                f"unknown bucket preset {value!r}; presets: "
+                + "; ".join(
+                    f"{name} = {', '.join(f'{h}x{w}' for h, w in sizes)}" for name, sizes in BUCKET_PRESETS.items()
+                )
+                + " (or a list of [height, width], or null for the model's size)"
+            )
+        sizes = [
+            (round_to_multiple(h, spatial_multiple), round_to_multiple(w, spatial_multiple))
+            for h, w in BUCKET_PRESETS[value]
+        ]
+        return tuple(dict.fromkeys(sizes))
+    if not len(value) or any(isinstance(b, str | int) or len(b) != 2 for b in value):
+        raise ValueError(f"buckets must be a preset name, null or a non-empty list of [height, width], got {value}")
+    buckets = tuple((int(b[0]), int(b[1])) for b in value)
+    for h, w in buckets:
+        if h % spatial_multiple or w % spatial_multiple:
+            raise ValueError(f"bucket {h}x{w} must be a multiple of {spatial_multiple}")
+    return buckets
+
+
 def choose_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
     """The ``(height, width)`` bucket whose aspect ratio is closest to the video's (in log space)."""
     aspect = math.log(width / height)

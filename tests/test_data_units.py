@@ -118,6 +118,12 @@ def _sample(**changes):
         "audio": torch.zeros(9, 2, 16),
         "pose": torch.zeros(3, 9, 48, 80, dtype=torch.uint8),
     }
+    return changed_sample(meta, tensors, changes)
+
+
+def changed_sample(meta: dict, tensors: dict, changes: dict) -> Sample:
+    """A sample from ``meta`` and ``tensors`` with ``changes`` applied: a metadata field set, a tensor replaced,
+    or removed (``None``)."""
     for k, v in changes.items():
         if k in meta:
             meta[k] = v
