@@ -2,7 +2,9 @@
 
 An adapter directory holds ``adapter_model.safetensors`` (peft keys on diffusers module names),
 ``adapter_config.json`` (the peft ``LoraConfig``) and ``svi.json`` (base spec, expert, the variant's
-inference defaults, provenance). Inference needs nothing else.
+inference defaults, provenance). Inference needs nothing else. For Wan 2.2 A14B a *split* adapter directory holds
+no weights of its own but ``high_noise/`` and/or ``low_noise/`` sub-directories, each a normal adapter (or a
+diffusers export) loaded into its expert (:func:`expert_dirs`).
 
 Single files are read in the formats found in the wild (reference/peers.md §4): peft/diffusers names
 (optionally ``transformer.``-prefixed), Wan's original names with peft's ``.default`` segment (optionally
@@ -33,7 +35,7 @@ from torch import Tensor, nn
 
 from svi_infer.model import WanModel
 from svi_infer.pose import POSE_KEY, PoseEncoder, attach_pose, find_pose_encoder, load_pose_encoder, pose_state_dict
-from svi_infer.spec import ModelSpec
+from svi_infer.spec import HIGH_NOISE, LOW_NOISE, ModelSpec
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -136,7 +138,40 @@ def _weights_file(path: Path) -> Path:
     for name in (ADAPTER_WEIGHTS, DIFFUSERS_WEIGHTS):
         if (path / name).is_file():
             return path / name
-    raise AdapterError(f"adapter directory {path} holds neither {ADAPTER_WEIGHTS} nor {DIFFUSERS_WEIGHTS}")
+    raise AdapterError(
+        f"adapter directory {path} holds neither {ADAPTER_WEIGHTS} nor {DIFFUSERS_WEIGHTS} "
+        f"(nor {HIGH_NOISE}/ or {LOW_NOISE}/ sub-directories of a Wan 2.2 A14B adapter)"
+    )
+
+
+def expert_dirs(path: str | Path, spec: ModelSpec | None = None) -> dict[str, Path]:
+    """The per-expert sub-directories of a split Wan 2.2 A14B adapter directory, ``{expert: <path>/<expert>}``.
+
+    A split directory holds ``high_noise/`` and/or ``low_noise/`` and no weights of its own (what training and
+    ``svi_train.export`` write for two experts). Anything else (a file, a normal adapter directory) gives ``{}``.
+    With ``spec``, a split directory is refused for a base with one transformer.
+    """
+    path = Path(path).expanduser()
+    if not path.is_dir() or any((path / name).is_file() for name in (ADAPTER_WEIGHTS, DIFFUSERS_WEIGHTS)):
+        return {}
+    found = {expert: path / expert for expert in (HIGH_NOISE, LOW_NOISE) if (path / expert).is_dir()}
+    if found and spec is not None and not set(found) <= set(spec.experts):
+        raise AdapterError(
+            f"adapter {path} holds a LoRA per Wan 2.2 A14B expert ({', '.join(f'{e}/' for e in found)}) but "
+            f"{spec.id} has one transformer: choose a Wan 2.2 A14B model (e.g. model=wan22_i2v_a14b) or an "
+            f"adapter made for {spec.id}"
+        )
+    return found
+
+
+def _free_name(transformers: list[nn.Module], name: str) -> str:
+    """``name``, or ``name_2``, ``name_3``... if a transformer already has an adapter of that name."""
+    taken = set().union(*(set(getattr(t, "peft_config", None) or {}) for t in transformers))
+    candidate, n = name, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{name}_{n}"
+    return candidate
 
 
 def _strip_prefixes(key: str) -> str:
@@ -308,11 +343,24 @@ def load_adapter(
     :class:`~svi_infer.pose.PoseEncoder` holding them to the transformer(s) loaded into (one encoder, shared;
     float32 like the reference); condition it with :func:`svi_infer.pose.set_pose`.
 
+    A split Wan 2.2 A14B directory (``high_noise/`` and/or ``low_noise/``, :func:`expert_dirs`) loads each
+    sub-directory into its expert (only ``expert``'s with ``expert`` given); refused for one-transformer bases.
+
     Returns:
-        The adapter's ``svi.json`` contents, or None for a bare file.
+        The adapter's ``svi.json`` contents (a split directory: its first sub-directory's), or None for a bare file.
     """
     path = Path(path).expanduser()
     spec = model.spec
+    split = expert_dirs(path, spec)
+    if split:
+        if expert is not None and expert not in split:
+            raise AdapterError(f"adapter {path} holds no {expert}/ sub-directory (it has {', '.join(split)})")
+        metas = [
+            load_adapter(model, sub, expert=name, adapter_name=adapter_name, ignore_unmatched=ignore_unmatched)
+            for name, sub in split.items()
+            if expert is None or name == expert
+        ]
+        return metas[0]
     meta = read_meta(path) if path.is_dir() else None
     if meta is not None:
         meta.check_base(spec, path)
@@ -331,8 +379,8 @@ def load_adapter(
     not_lora = [k for k in not_lora if not is_pose_key(k)]
     _fill_alphas(_peft_config(path, file), modules)
     indices = [spec.experts.index(expert)] if expert else range(len(spec.experts))
-    name = adapter_name or re.sub(r"\W", "_", path.stem if path.is_file() else path.name)
     targets = [model.transformers[i] for i in indices]
+    name = adapter_name or _free_name(targets, re.sub(r"\W", "_", path.stem if path.is_file() else path.name))
     pose = _pose_encoder(targets, state_dict, file) if pose_keys else None  # checked before any change
     for transformer in targets:
         fitting, unmatched = _check_against(transformer, modules, not_lora, path, spec)

@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from svi_infer.adapters import AdapterError, load_adapter, read_meta, set_strength
+from svi_infer.adapters import AdapterError, expert_dirs, load_adapter, read_meta, set_strength
 from svi_infer.audio import TALK_FPS, AudioEncoder, frames_for_samples, read_audio
 from svi_infer.generate import (
     GenerationResult,
@@ -58,6 +58,9 @@ class Plan:
 
 
 def _adapters(cfg: DictConfig, spec: ModelSpec) -> list[tuple[Path, str | None]]:
+    """``(path, expert)`` per adapter to load, in order; a split A14B directory (``high_noise/``, ``low_noise/``)
+    becomes one entry per expert sub-directory (adapter.high_noise / low_noise may name one too: their own
+    sub-directory is taken)."""
     sources = [
         (cfg.adapter.path, None),
         (cfg.adapter.high_noise, HIGH_NOISE),
@@ -71,9 +74,18 @@ def _adapters(cfg: DictConfig, spec: ModelSpec) -> list[tuple[Path, str | None]]
             raise ValueError(
                 f"adapter.{expert} is for Wan 2.2 A14B experts; {spec.id} has one transformer (use adapter.path)"
             )
-        if not Path(path).expanduser().exists():
+        path = Path(path).expanduser()
+        if not path.exists():
             raise FileNotFoundError(f"adapter {path} does not exist")
-        adapters.append((Path(path).expanduser(), expert))
+        split = expert_dirs(path, spec)
+        if not split:
+            adapters.append((path, expert))
+        elif expert is None:
+            adapters.extend((sub, name) for name, sub in split.items())
+        elif expert in split:
+            adapters.append((split[expert], expert))
+        else:
+            raise AdapterError(f"adapter.{expert}={path} holds no {expert}/ sub-directory (it has {', '.join(split)})")
     return adapters
 
 
@@ -167,10 +179,12 @@ def plan(cfg: DictConfig) -> Plan:
     )
     adapters = _adapters(cfg, spec)
     defaults: dict[str, Any] = {}
-    for path, _ in reversed(adapters):  # the first adapter's defaults win
+    for path, expert in reversed(adapters):  # the first adapter's defaults win
         meta = read_meta(path) if path.is_dir() else None
         if meta is not None:
             meta.check_base(spec, path)
+            if expert is not None and meta.expert is not None and meta.expert != expert:
+                raise AdapterError(f"adapter {path} is for the {meta.expert} expert, not {expert}")
             defaults |= meta.defaults
     settings = resolve_settings(cfg, spec, defaults)
     settings.validate(spec)

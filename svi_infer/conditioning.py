@@ -9,6 +9,10 @@ frames are floats in [-1, 1]. Two ways to carry a clip into the next one:
   literal zero latents; no VAE round trip.
 
 In both, only latent frame 0 is marked in the mask, as SVI trains and samples (``ref_pad_cfg=False``).
+
+Wan 2.2 TI2V-5B has no ``y`` channels: its conditioning latents (the *held* latents: anchor, then motion) replace
+the first latent frames of the DiT input at every step, and their tokens get timestep 0
+(:func:`replace_held`, :func:`held_timesteps`), as diffusers' TI2V pipeline does for its first frame.
 """
 
 from __future__ import annotations
@@ -81,16 +85,72 @@ def latent_handoff(anchor_latent: Tensor, motion_latents: Tensor | None, num_lat
     Returns:
         ``y`` of shape ``[..., 4 + C, T, h, w]`` with only latent 0 marked.
     """
+    return held_y(held_latents(anchor_latent, motion_latents), num_latent_frames)
+
+
+def held_latents(anchor_latent: Tensor, motion_latents: Tensor | None) -> Tensor:
+    """``[..., C, 1 + n, h, w]``: the anchor latent, then the ``n`` motion latents a clip starts from."""
     parts = [anchor_latent[..., :1, :, :]]
     if motion_latents is not None:
         parts.append(motion_latents.to(anchor_latent.dtype))
-    used = sum(p.shape[-3] for p in parts)
+    return torch.cat(parts, dim=-3)
+
+
+def held_y(held: Tensor, num_latent_frames: int) -> Tensor:
+    """``y`` of the latent hand-off: ``held`` latents, then literal zero latents; the mask marks latent 0 only."""
+    used = held.shape[-3]
     if used >= num_latent_frames:
         raise ValueError(f"anchor + motion latents ({used}) must leave room in a {num_latent_frames}-latent clip")
-    shape = anchor_latent.shape
-    parts.append(anchor_latent.new_zeros(*shape[:-3], num_latent_frames - used, *shape[-2:]))
-    latent = torch.cat(parts, dim=-3)
+    shape = held.shape
+    latent = torch.cat([held, held.new_zeros(*shape[:-3], num_latent_frames - used, *shape[-2:])], dim=-3)
     h, w = shape[-2:]
     mask = torch.zeros(MASK_CHANNELS, num_latent_frames, h, w)
     mask[:, 0] = 1.0
     return with_mask(latent, mask)
+
+
+def pro_training_pair(latents: Tensor, anchor_latent: Tensor, motion_latents: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The SVI 2.0 Pro training target and held latents of one window (reference/svi.md §6.3; our reading, since
+    SVI released no Pro training code).
+
+    With motion (a later clip): the target's latent 0 is the anchor (sampled outside the window) and its latents
+    1.. are the window's own, so latent 1 reproduces the motion latent as at generation; held = anchor + motion.
+    Without motion (``None``, what clip 0 sees): the window's first frame is the anchor, so the target is the
+    window unchanged and held is its latent 0.
+
+    Args:
+        latents: ``[..., C, T, h, w]`` clean latents of the window.
+        anchor_latent: ``[..., C, 1, h, w]`` latent of the anchor image.
+        motion_latents: ``[..., C, n, h, w]`` (the window's latents 1..n, possibly from augmented frames), or None.
+
+    Returns:
+        ``(x0, held)``: ``[..., C, T, h, w]`` and ``[..., C, 1 + n, h, w]``.
+    """
+    if motion_latents is None or motion_latents.shape[-3] == 0:
+        return latents, latents[..., :1, :, :]
+    x0 = torch.cat([anchor_latent[..., :1, :, :].to(latents.dtype), latents[..., 1:, :, :]], dim=-3)
+    return x0, held_latents(anchor_latent.to(latents.dtype), motion_latents.to(latents.dtype))
+
+
+def replace_held(x: Tensor, held: Tensor) -> Tensor:
+    """``x`` with its first ``k`` latent frames replaced by the ``k`` held latents (TI2V-5B conditioning)."""
+    k = held.shape[-3]
+    if k >= x.shape[-3]:
+        raise ValueError(f"{k} held latents must leave room in a {x.shape[-3]}-latent clip")
+    return torch.cat([held.to(x.dtype).expand(*x.shape[:-3], *held.shape[-3:]), x[..., k:, :, :]], dim=-3)
+
+
+def held_timesteps(timestep: Tensor, shape: tuple[int, int, int], held: int, patch: tuple[int, int, int]) -> Tensor:
+    """Per-token timesteps ``[B, T/pt * h/ph * w/pw]``: 0 on the tokens of the first ``held`` latent frames, else
+    the sample's timestep (diffusers' TI2V ``expand_timesteps``; token order is frame, row, column).
+
+    Args:
+        timestep: ``[B]`` timesteps.
+        shape: latent ``(T, h, w)``.
+    """
+    t, h, w = shape
+    pt, ph, pw = patch
+    per_frame = torch.ones(t // pt, dtype=timestep.dtype, device=timestep.device)
+    per_frame[: held // pt] = 0.0
+    tokens = per_frame.repeat_interleave((h // ph) * (w // pw))
+    return timestep.view(-1, 1) * tokens

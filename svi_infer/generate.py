@@ -5,6 +5,13 @@ clip needs (tail frames or latents) and the run state, so an interrupted run res
 command continues after the last finished clip and yields the same video. At the end the clips are
 joined by stream copy into ``output`` and a sidecar JSON records every setting, seed and prompt.
 
+Bases: Wan 2.1 I2V and Wan 2.2 I2V-A14B (two experts, switched in the sampler) take ``y`` (mask + conditioning
+latents) beside the latents, built from pixels (``handoff=pixel``) or latents (``handoff=latent``, SVI 2.0 Pro).
+Wan 2.2 TI2V-5B has no ``y`` channels: with ``handoff=latent`` (the only one it takes) the held latents (clip 0:
+the anchor's; later clips: the anchor's, then the previous clip's last ``num_motion_latents``) replace the first
+latent frames at every step, at timestep 0. Either way a later clip's first ``overlap_frames`` frames repeat the
+seam and are dropped.
+
 Variants beyond text (``GenerationSettings.conditioning``):
 
 * ``audio`` (SVI-Talk): the audio file is encoded once (wav2vec2 at the video fps) and clip ``k`` gets the
@@ -41,7 +48,8 @@ from svi_infer.conditioning import (
     check_frames_per_clip,
     conditioning_video,
     first_frames_mask,
-    latent_handoff,
+    held_latents,
+    held_y,
     with_mask,
 )
 from svi_infer.model import WanModel
@@ -156,10 +164,10 @@ class GenerationSettings:
                 problems.append(
                     f"conditioning=audio needs fps={TALK_FPS:g} (the rate of the Talk audio windows), got {self.fps}"
                 )
-        if not spec.conditioning_by_concat:
+        if not spec.conditioning_by_concat and self.handoff == "pixel":
             problems.append(
-                f"{spec.id}: long-video generation is implemented for the Wan 2.1 / 2.2 A14B image-to-video "
-                "bases; TI2V-5B (first-frame latent replacement) is not supported yet"
+                f"{spec.id} (Wan 2.2 TI2V-5B) is conditioned by replacing its first latent frames with the anchor "
+                "and motion latents, which needs the latent hand-off: use handoff=latent (+experiment=wan22_5b)"
             )
         if problems:
             raise ValueError("invalid generation settings:\n  - " + "\n  - ".join(problems))
@@ -400,8 +408,12 @@ class LongVideoGenerator:
     def _clip(self, k, prompt, seed, anchor, anchor_latent, tail, negative, progress):
         s, model = self.settings, self.model
         latent_frames = model.spec.latent_frames(s.frames_per_clip)
-        if s.handoff == "latent":
-            y = latent_handoff(anchor_latent, tail.to(anchor_latent) if tail is not None else None, latent_frames)
+        held = None
+        if s.handoff == "latent":  # anchor latent, then the previous clip's last latent(s) (SVI 2.0 Pro)
+            held = held_latents(anchor_latent, tail.to(anchor_latent) if tail is not None else None)
+            y = None  # TI2V-5B: the held latents themselves replace the first latent frames
+            if model.spec.conditioning_by_concat:  # A14B / 2.1: they go into y, after the mask
+                y, held = held_y(held, latent_frames), None
             clip_frame = anchor[:, 0]
         else:
             motion = anchor if tail is None else tail  # clip 0 continues from the image itself
@@ -432,7 +444,16 @@ class LongVideoGenerator:
         try:
             with tqdm(total=s.steps, desc=f"clip {k} steps", leave=False, disable=not progress) as steps_bar:
                 latents = sample_clip(
-                    model, y, inputs, guidance, s.steps, s.shift, generator, lambda _: steps_bar.update(1)
+                    model,
+                    y,
+                    inputs,
+                    guidance,
+                    s.steps,
+                    s.shift,
+                    generator,
+                    lambda _: steps_bar.update(1),
+                    held=held,
+                    latent_frames=latent_frames,
                 )
         finally:
             for transformer in posed:

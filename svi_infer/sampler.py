@@ -1,5 +1,6 @@
 """Sampling one clip: SVI's Euler flow schedule, classifier-free guidance (text; text + audio for Talk), Wan 2.2
-expert switch."""
+expert switch, and the two ways a clip is conditioned: ``y`` concatenated to the latents (Wan 2.1, Wan 2.2 A14B) or
+held latents replacing the first latent frames at timestep 0 (Wan 2.2 TI2V-5B)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from svi_infer.conditioning import held_timesteps, replace_held
 from svi_infer.flow import euler_step, inference_sigmas
 from svi_infer.model import WanModel
 from svi_infer.talk import AudioWindows, get_talk, set_audio
@@ -87,39 +89,60 @@ class TalkGuidance:
 @torch.no_grad()
 def sample_clip(
     model: WanModel,
-    y: Tensor,
+    y: Tensor | None,
     inputs: Mapping[str, PassInputs],
     guidance: Guidance,
     steps: int,
     shift: float,
     generator: torch.Generator,
     on_step: Callable[[int], None] | None = None,
+    held: Tensor | None = None,
+    latent_frames: int | None = None,
 ) -> Tensor:
     """Denoise one clip from noise drawn with ``generator`` (on CPU, so seeds mean the same on any device).
 
     Args:
-        y: ``[1, 4 + C, T, h, w]`` conditioning concatenated to the latents at every step.
+        y: ``[1, 4 + C, T, h, w]`` conditioning concatenated to the latents at every step (bases whose DiT takes
+            it, ``spec.conditioning_by_concat``); None for TI2V-5B.
         inputs: per guidance pass, the text/image/audio/extra inputs.
+        held: TI2V-5B only: ``[1, C, k, h, w]`` clean latents (anchor, then motion) that replace the first ``k``
+            latent frames of the DiT input at every step, with timestep 0 on their tokens; the returned latents'
+            first ``k`` frames are exactly these.
+        latent_frames: ``T``, needed when ``y`` is None (``y`` gives the shape otherwise).
 
     Returns:
         The final ``[1, C, T, h, w]`` latents (float32).
     """
     spec = model.spec
+    if spec.conditioning_by_concat:
+        if y is None or held is not None:
+            raise ValueError(f"{spec.id} is conditioned by y concatenated to the latents: give y, not held latents")
+        shape = tuple(y.shape[-3:])
+        y = y.to(model.device, model.dtype)
+    else:
+        if y is not None:
+            raise ValueError(f"{spec.id} has no y channels: condition it with held latents (held=...), y=None")
+        if latent_frames is None or held is None:
+            raise ValueError(f"{spec.id}: sampling needs the held latents and latent_frames")
+        shape = (latent_frames, *held.shape[-2:])
+        held = held.to(model.device, torch.float32)
     talking = [t for t in model.transformers if get_talk(t) is not None]
     names = guidance.passes()
     given = [name for name in names if inputs[name].audio is not None]
     if given and len(talking) != len(model.transformers):
         raise ValueError(f"passes {given} carry audio but the model's transformers have no Talk modules (attach_talk)")
-    shape = (1, spec.latent_channels, *y.shape[-3:])
-    x = torch.randn(shape, generator=generator, dtype=torch.float32).to(model.device)
-    y = y.to(model.device, model.dtype)
+    x = torch.randn((1, spec.latent_channels, *shape), generator=generator, dtype=torch.float32).to(model.device)
     sigmas = inference_sigmas(steps, shift).tolist()
     try:
         for i in range(steps):
             t = sigmas[i] * 1000.0
             transformer = model.transformers[spec.expert_for_timestep(t)]
             timestep = torch.tensor([t], device=model.device, dtype=torch.float32)
-            latent_in = torch.cat([x.to(model.dtype), y], dim=1)
+            if held is None:
+                latent_in = torch.cat([x.to(model.dtype), y], dim=1)
+            else:  # the held frames enter clean, at timestep 0; the rest at t
+                latent_in = replace_held(x, held).to(model.dtype)
+                timestep = held_timesteps(timestep, shape, held.shape[-3], spec.patch_size)
             velocities = {}
             for name in names:
                 if transformer in talking:
@@ -138,4 +161,4 @@ def sample_clip(
     finally:
         for transformer in talking:  # no audio left behind for whoever runs the model next
             set_audio(transformer, None)
-    return x
+    return x if held is None else replace_held(x, held)

@@ -16,7 +16,8 @@ from svi_train.strategies import lora_state_dict
 
 class AdapterExport(L.Callback):
     """Every ``every_n_steps`` optimiser steps and at the end, write ``<dirpath>/step_XXXXXX`` and
-    ``<dirpath>/final``: adapter directories svi_infer loads as they are."""
+    ``<dirpath>/final``: adapter directories svi_infer loads as they are. A Wan 2.2 A14B run training a LoRA per
+    expert writes one per expert inside them, ``high_noise/`` and ``low_noise/`` (svi.json names the expert)."""
 
     def __init__(self, dirpath: str | Path, every_n_steps: int) -> None:
         self.dirpath = Path(dirpath)
@@ -24,11 +25,14 @@ class AdapterExport(L.Callback):
         self.last: Path | None = None
 
     def _export(self, trainer, module, name: str) -> None:
-        # every rank: ZeRO-3 and FSDP hold shards of the LoRA, gathered here (a collective); rank 0 writes
-        weights = lora_state_dict(trainer.strategy, module.transformer, module.ADAPTER, rank0_only=True)
-        if trainer.is_global_zero:
-            meta = module.adapter_meta()
-            self.last = save_adapter(module.transformer, self.dirpath / name, meta, module.ADAPTER, weights=weights)
+        for expert, attribute in module.adapter_targets():
+            transformer = getattr(module, attribute)
+            # every rank: ZeRO-3 and FSDP hold shards of the LoRA, gathered here (a collective); rank 0 writes
+            weights = lora_state_dict(trainer.strategy, transformer, module.ADAPTER, rank0_only=True)
+            if trainer.is_global_zero:
+                target = self.dirpath / name / (expert or "")
+                save_adapter(transformer, target, module.adapter_meta(expert), module.ADAPTER, weights=weights)
+        self.last = self.dirpath / name
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -74,8 +78,10 @@ class RolloutPreview(L.Callback):
 
     @rank_zero_only
     def _preview(self, trainer, module, step: int) -> None:
-        was_training = module.transformer.training
-        module.transformer.eval()
+        experts = list(module.expert_modules().values())
+        was_training = experts[0].training
+        for transformer in experts:
+            transformer.eval()
         if module.model.device != module.device:
             module.model.to(module.device)  # the encoders join the DiT on the training device
         try:
@@ -84,7 +90,8 @@ class RolloutPreview(L.Callback):
                 self.image, self.prompts, self.dirpath / f"step_{step:06d}.mp4", resume=False, progress=False
             )
         finally:
-            module.transformer.train(was_training)
+            for transformer in experts:
+                transformer.train(was_training)
         for logger in trainer.loggers:
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "log") and type(logger).__name__ == "WandbLogger":

@@ -90,6 +90,43 @@ class ConditioningSettings:
                 raise ValueError(f"conditioning.{name} must be a probability in [0, 1], got {value!r}")
 
 
+EXPERT_CHOICES = ("all", "high_noise", "low_noise")
+
+
+@dataclass(frozen=True)
+class ExpertSettings:
+    """Which Wan 2.2 A14B experts a run trains (reference/svi.md §6.1). Each trained expert gets its own LoRA and
+    only the timesteps of its range (high-noise: ``t >= boundary * 1000``; low-noise: below), one expert per step
+    on every rank; one-expert bases (Wan 2.1, TI2V-5B) take the defaults only."""
+
+    train: str = "all"  # all | high_noise | low_noise
+    shared_lora: bool = False  # one LoRA shared by both experts (train=all only)
+    offload_idle: bool = False  # keep the expert not in use on the CPU (one device; moves 28 GB per switch at bf16)
+    high_noise_share: float | None = None  # share of steps for the high-noise expert; None: its share of timesteps
+
+    def __post_init__(self) -> None:
+        if self.train not in EXPERT_CHOICES:
+            raise ValueError(f"experts.train must be one of {EXPERT_CHOICES}, got {self.train!r}")
+        if self.shared_lora and self.train != "all":
+            raise ValueError(
+                f"experts.shared_lora trains one LoRA on both experts: it needs experts.train=all, not {self.train!r}"
+            )
+        share = self.high_noise_share
+        if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share < 1):
+            raise ValueError(f"experts.high_noise_share must be in (0, 1) or null, got {share!r}")
+
+    def trained(self, experts: tuple[str, ...]) -> tuple[str, ...]:
+        """The experts of ``experts`` (a spec's) this run trains, in the spec's order."""
+        if len(experts) == 1:
+            if self.train != "all" or self.shared_lora or self.offload_idle:
+                raise ValueError(
+                    "experts.train / shared_lora / offload_idle choose among Wan 2.2 A14B's two experts; this base "
+                    "has one transformer: leave them at their defaults"
+                )
+            return experts
+        return experts if self.train == "all" else (self.train,)
+
+
 def register() -> None:
     """Make the schemas available as ``<group>/schema`` for the YAML files to extend."""
     cs = ConfigStore.instance()
@@ -102,6 +139,7 @@ def register() -> None:
         ("callbacks", CallbackSettings),
         ("optim", OptimSettings),
         ("conditioning", ConditioningSettings),
+        ("experts", ExpertSettings),
     ):
         schema = OmegaConf.structured(node)
         OmegaConf.set_readonly(schema, False)  # frozen in code, but YAML files and overrides must set fields

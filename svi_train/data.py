@@ -33,6 +33,7 @@ class DataConfig:
     resampled: bool = False  # endless sampling with replacement (multi-node); else epochs over the shards
     motion_frames: tuple[int, ...] = (1,)  # conditioning variants to draw from (must be in the shards)
     p_more_motion: float = 0.9  # with several: the largest count with this probability, else the smallest
+    motion_latents: tuple[int, ...] = (0, 1)  # latent hand-off: motion latents to draw (0 = a clip-0 sample)
     max_skip_ratio: float = 0.1  # stop when more than this share of samples/shards cannot be used
 
 
@@ -85,6 +86,8 @@ class _Validated:
                 "key": sample.key,
                 "latents": t["latents"],
                 "cond": {int(k.removeprefix("cond.m")): v for k, v in t.items() if k.startswith("cond.m")},
+                "anchor": t.get("anchor"),  # latent hand-off: [C, 1, h, w] latent of the anchor image
+                "motion": {int(k.removeprefix("motion.n")): v for k, v in t.items() if k.startswith("motion.n")},
                 "text": padded_text(t["text"]),
                 "image": t.get("image"),
                 "audio": t.get("audio"),  # Talk: [F, layers, dim] wav2vec2 features, one row per video frame
@@ -119,10 +122,13 @@ def collate(samples: list[dict]) -> dict:
     """Stack tensors; conditioning variants present in every sample are kept. ``audio`` is ``[B, F, layers,
     dim]`` and ``pose`` uint8 ``[B, 3, F, H, W]`` when every sample holds them, else None."""
     counts = sorted(set.intersection(*(set(s["cond"]) for s in samples)))
+    motion = sorted(set.intersection(*(set(s.get("motion") or {}) for s in samples)))
     batch = {
         "key": [s["key"] for s in samples],
         "latents": torch.stack([s["latents"] for s in samples]),
         "cond": {m: torch.stack([s["cond"][m] for s in samples]) for m in counts},
+        "anchor": _stacked(samples, "anchor"),
+        "motion": {n: torch.stack([s["motion"][n] for s in samples]) for n in motion},
         "text": torch.stack([s["text"] for s in samples]),
         "image": torch.stack([s["image"] for s in samples]) if samples[0]["image"] is not None else None,
         "audio": _stacked(samples, "audio"),
@@ -136,18 +142,20 @@ def collate(samples: list[dict]) -> dict:
 class WdsDataModule(L.LightningDataModule):
     """Streams ``<path>/shards/*.tar`` (split by node and worker) into bucketed batches."""
 
-    def __init__(self, config: DataConfig, seed: int = 0) -> None:
+    def __init__(self, config: DataConfig, seed: int = 0, handoff: str = "pixel") -> None:
         super().__init__()
         self.config = config
         self.seed = seed
+        self.handoff = handoff  # which conditioning members the run reads: cond.m<m> (pixel), motion.n<n> (latent)
         self._skip_batches = 0  # set on resume: batches of the interrupted epoch already trained on
 
     def urls(self) -> list[str]:
         index = read_index(self.config.path)
         if not index["shards"]:
             raise ValueError(f"{self.config.path} holds no shard (index.json lists none)")
+        check_shards_handoff(index, self.config, self.handoff)
         missing = sorted(set(self.config.motion_frames) - set(index["motion_frames"]))
-        if missing:
+        if self.handoff == "pixel" and missing:
             raise ValueError(
                 f"the shards in {self.config.path} hold conditioning for motion frames {index['motion_frames']}, "
                 f"not {missing}: prepare them with motion_frames={sorted(set(index['motion_frames']) | set(missing))}"
@@ -183,6 +191,25 @@ class WdsDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state: dict) -> None:
         self._skip_batches = int(state.get("batches_into_epoch", 0))
+
+
+def check_shards_handoff(index: dict, config: DataConfig, handoff: str) -> None:
+    """The shards must hold the conditioning members the run's hand-off reads (shards from before the latent
+    hand-off existed have no ``handoff`` entry: they are pixel ones)."""
+    prepared = index.get("handoff", "pixel")
+    if prepared != handoff:
+        raise ValueError(
+            f"variant.handoff={handoff}, but the shards in {config.path} were prepared with handoff={prepared}: "
+            f"prepare them with `python -m data_tools prepare handoff={handoff} ...` (or train with "
+            f"variant.handoff={prepared})"
+        )
+    if handoff == "latent":
+        missing = sorted(set(config.motion_latents) - {0} - set(index.get("motion_latents", [])))
+        if missing:
+            raise ValueError(
+                f"the shards in {config.path} hold motion latents {index.get('motion_latents', [])}, not {missing}: "
+                f"prepare them with motion_latents={sorted(set(index.get('motion_latents', [])) | set(missing))}"
+            )
 
 
 class _ResumableLoader:

@@ -9,6 +9,12 @@ checkpoint directory is consolidated first). Formats:
 * ``comfyui``: one ``.safetensors`` with ``diffusion_model.`` + Wan's original module names,
   ``lora_A`` / ``lora_B`` and a ``.alpha`` per module.
 
+Wan 2.2 A14B runs that train a LoRA per expert export one adapter per expert, split as SVI ships them: SOURCE is
+then the run's adapter directory holding ``high_noise/`` and ``low_noise/`` (or its checkpoint), and the output
+is ``DEST/high_noise`` + ``DEST/low_noise`` (peft, diffusers) or ``<DEST stem>_high_noise.safetensors`` +
+``<DEST stem>_low_noise.safetensors`` (comfyui). svi_infer takes either (``adapter.path=DEST``, or
+``adapter.high_noise=... adapter.low_noise=...``).
+
 A Dance adapter's pose encoder (``dwpose_embedding.<i>.weight`` / ``.bias``) goes into every format: unprefixed in
 ``peft`` and ``comfyui`` (as SVI's ``svi-dance.safetensors`` holds it), ``transformer.``-prefixed in ``diffusers``;
 ``svi_infer.adapters.load_adapter`` reads it back from each.
@@ -39,9 +45,11 @@ from svi_infer.adapters import (
     original_module_name,
 )
 from svi_infer.atomic import atomic_path
+from svi_infer.spec import HIGH_NOISE, LOW_NOISE
 
 FORMATS = ("peft", "diffusers", "comfyui")
 CHECKPOINT_KEY = "svi_adapter"  # what SVILitModule stores in its checkpoints beside the weights
+EXPERTS = (HIGH_NOISE, LOW_NOISE)
 
 
 def _alpha_for(name: str, config: dict) -> float:
@@ -51,14 +59,26 @@ def _alpha_for(name: str, config: dict) -> float:
     return float(config["lora_alpha"])
 
 
-def read_adapter(source: str | Path) -> tuple[dict[str, Tensor], dict, dict]:
-    """``(weights with peft keys, LoraConfig dict, svi.json dict)`` from an adapter dir or a checkpoint."""
+Adapter = tuple[dict[str, Tensor], dict, dict]  # weights with peft keys, LoraConfig dict, svi.json dict
+
+
+def _read_directory(source: Path) -> Adapter:
+    weights = load_file(str(source / ADAPTER_WEIGHTS))
+    config = json.loads((source / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    meta = json.loads((source / SVI_META).read_text(encoding="utf-8"))
+    return weights, config, meta
+
+
+def read_adapters(source: str | Path) -> dict[str | None, Adapter]:
+    """The adapters of an adapter dir, a per-expert (split) adapter dir or a checkpoint, by the expert each is for
+    (None: a one-expert base, or a LoRA shared by both experts)."""
     source = Path(source).expanduser()
     if source.is_dir() and (source / ADAPTER_WEIGHTS).is_file():
-        weights = load_file(str(source / ADAPTER_WEIGHTS))
-        config = json.loads((source / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-        meta = json.loads((source / SVI_META).read_text(encoding="utf-8"))
-        return weights, config, meta
+        adapter = _read_directory(source)
+        return {adapter[2].get("expert"): adapter}
+    split = {e: source / e for e in EXPERTS if (source / e / ADAPTER_WEIGHTS).is_file()}
+    if source.is_dir() and split:
+        return {e: _read_directory(path) for e, path in split.items()}
     if source.is_dir():  # a DeepSpeed checkpoint directory
         from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
@@ -72,13 +92,27 @@ def read_adapter(source: str | Path) -> tuple[dict[str, Tensor], dict, dict]:
     if CHECKPOINT_KEY not in checkpoint:
         raise AdapterError(f"{source} is not a checkpoint written by svi_train (no {CHECKPOINT_KEY!r} entry)")
     info = checkpoint[CHECKPOINT_KEY]
-    prefix, adapter = "transformer.", info["adapter_name"]
-    weights = {
-        k.removeprefix(prefix).replace(f".{adapter}.", "."): v
-        for k, v in checkpoint["state_dict"].items()
-        if k.startswith(prefix) and (".lora_" in k or is_pose_key(k))
-    }
-    return weights, info["lora_config"], info["meta"]
+    name = info["adapter_name"]
+    out = {}
+    for target in info.get("adapters", [{"expert": None, "prefix": "transformer"}]):  # older: one, "transformer."
+        prefix = target["prefix"] + "."
+        weights = {
+            k.removeprefix(prefix).replace(f".{name}.", "."): v
+            for k, v in checkpoint["state_dict"].items()
+            if k.startswith(prefix) and (".lora_" in k or is_pose_key(k))
+        }
+        out[target["expert"]] = (weights, info["lora_config"], {**info["meta"], "expert": target["expert"]})
+    return out
+
+
+def split_output(output: Path, fmt: str, expert: str | None) -> Path:
+    """Where the adapter of ``expert`` goes: ``output`` itself for an adapter of all experts, else
+    ``output/<expert>`` (peft, diffusers) or ``<output stem>_<expert>.safetensors`` (comfyui, SVI's naming)."""
+    if expert is None:
+        return output
+    if fmt == "comfyui":
+        return output.with_name(f"{output.stem}_{expert}{output.suffix or '.safetensors'}")
+    return output / expert
 
 
 def to_comfyui(weights: dict[str, Tensor], config: dict) -> dict[str, Tensor]:
@@ -96,13 +130,18 @@ def to_comfyui(weights: dict[str, Tensor], config: dict) -> dict[str, Tensor]:
     return out
 
 
-def export(source: str | Path, fmt: str, output: str | Path) -> Path:
-    """Convert ``source`` to ``fmt`` at ``output`` (a directory for peft/diffusers, a file for comfyui)."""
+def export(source: str | Path, fmt: str, output: str | Path) -> list[Path]:
+    """Convert ``source`` to ``fmt`` at ``output`` (a directory for peft/diffusers, a file for comfyui); an adapter
+    per expert goes where :func:`split_output` says. Returns the paths written."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
-    weights, config, meta = read_adapter(source)
-    weights = {k: v.detach().contiguous() for k, v in weights.items()}
     output = Path(output).expanduser()
+    adapters = read_adapters(source)
+    return [_write(*adapters[e], fmt, split_output(output, fmt, e)) for e in sorted(adapters, key=str)]
+
+
+def _write(weights: dict[str, Tensor], config: dict, meta: dict, fmt: str, output: Path) -> Path:
+    weights = {k: v.detach().contiguous() for k, v in weights.items()}
     if fmt == "comfyui":
         with atomic_path(output) as tmp:
             save_file(to_comfyui(weights, config), str(tmp), metadata={"svi": json.dumps(meta)})
@@ -134,11 +173,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", required=True, help="directory (peft, diffusers) or .safetensors file (comfyui)")
     args = parser.parse_args(argv)
     try:
-        path = export(args.source, args.format, args.output)
+        paths = export(args.source, args.format, args.output)
     except (AdapterError, ValueError, FileNotFoundError) as err:
         print(f"svi_train.export: error: {err}", file=sys.stderr)
         sys.exit(2)
-    print(f"{args.format}: {path}")
+    for path in paths:
+        print(f"{args.format}: {path}")
 
 
 if __name__ == "__main__":

@@ -17,13 +17,21 @@ from peft import LoraConfig
 
 from svi_infer.adapters import AdapterMeta
 from svi_infer.atomic import write_with
-from svi_infer.conditioning import first_frames_mask, with_mask
+from svi_infer.conditioning import (
+    MASK_CHANNELS,
+    first_frames_mask,
+    held_timesteps,
+    held_y,
+    pro_training_pair,
+    replace_held,
+    with_mask,
+)
 from svi_infer.flow import add_noise, velocity_target
 from svi_infer.model import build_model
 from svi_infer.pose import set_pose
-from svi_infer.spec import ModelSpec
+from svi_infer.spec import HIGH_NOISE, WAN21_I2V, ModelSpec
 from svi_infer.talk import set_audio
-from svi_train.config import ConditioningSettings, LoraSettings, OptimSettings
+from svi_train.config import ConditioningSettings, ExpertSettings, LoraSettings, OptimSettings
 from svi_train.data import choose_cond
 from svi_train.export import CHECKPOINT_KEY
 from svi_train.recycling import (
@@ -31,6 +39,7 @@ from svi_train.recycling import (
     RecyclingConfig,
     TimestepSampler,
     draw_flags,
+    expert_grid,
     grid_anchors,
     grid_of,
     in_warmup,
@@ -53,6 +62,9 @@ from svi_train.variants import (
     draw_dropout,
     talk_windows,
 )
+
+EXPERT_ATTRIBUTES = ("transformer", "transformer_2")  # diffusers' names, by index in spec.experts
+HANDOFFS = ("pixel", "latent")
 
 
 def json_safe(data: dict) -> dict:
@@ -79,21 +91,34 @@ class SVILitModule(L.LightningModule):
         save_banks: bool = True,
         conditioning: ConditioningSettings | None = None,
         multitalk: str | None = None,
+        experts: ExpertSettings | None = None,
+        motion_latents: tuple[int, ...] = (0, 1),
     ) -> None:
         super().__init__()
-        if len(spec.experts) != 1 or not spec.conditioning_by_concat:
-            raise ValueError(f"{spec.id}: training is implemented for Wan 2.1 I2V; Wan 2.2 bases are not supported yet")
         self.spec, self.model_path, self.lora, self.recycling, self.optim = spec, model_path, lora, recycling, optim
         self.motion_frames, self.p_more_motion = tuple(motion_frames), p_more_motion
+        self.motion_latents = tuple(motion_latents)
         self.variant_defaults = dict(variant_defaults or {})
         self.seed, self.save_banks = seed, save_banks
         # Talk (audio) / Dance (pose), from variant.conditioning; None: text only
         self.kind = check_kind(self.variant_defaults.get("conditioning"))
+        if self.kind is not None and spec.family != WAN21_I2V:
+            raise ValueError(
+                f"variant.conditioning={self.kind} (Talk, Dance) trains on Wan 2.1 I2V only, not {spec.id}"
+            )
+        self.handoff = check_spec_handoff(spec, self.variant_defaults.get("handoff", "pixel"))
         self.conditioning = conditioning or ConditioningSettings()
+        self.experts = experts or ExpertSettings()
+        self.trained = self.experts.trained(spec.experts)  # expert names, in the spec's order
         self.model = build_model(spec, model_path)
-        self.transformer = self.model.transformers[0]
-        self.transformer.requires_grad_(False)
-        self.transformer.add_adapter(self.lora_config(), adapter_name=self.ADAPTER)
+        for name in self.trained:  # registered as transformer / transformer_2: their LoRA is in the checkpoints
+            transformer = self.model.transformers[spec.experts.index(name)]
+            setattr(self, EXPERT_ATTRIBUTES[spec.experts.index(name)], transformer)
+            transformer.requires_grad_(False)
+            transformer.add_adapter(self.lora_config(), adapter_name=self.ADAPTER)
+        if self.experts.shared_lora:
+            tie_lora(self.model.transformers[1], self.model.transformers[0], self.ADAPTER)
+        self.step_expert = self.trained[0]  # the expert of the current step
         # after add_adapter: the audio modules stay out of peft's reach (frozen, no LoRA); the pose encoder
         # stays trainable (add_adapter freezes whatever is not a LoRA)
         self.talk = build_talk(self.model, multitalk) if self.kind == AUDIO else None
@@ -101,13 +126,14 @@ class SVILitModule(L.LightningModule):
         # weights into state_dict() twice
         pose = build_pose(self.transformer, self.conditioning.pose_encoder, seed) if self.kind == POSE else None
         self._pose_keep = PoseKeep(pose) if pose is not None else None
-        self.transformer.train()
-        if optim.gradient_checkpointing:
-            self.transformer.enable_gradient_checkpointing()
+        for transformer in self.expert_modules().values():
+            transformer.train()
+            if optim.gradient_checkpointing:
+                transformer.enable_gradient_checkpointing()
         self.timesteps = TimestepSampler(mode=optim.timesteps, shift=recycling.shift)
         self.anchors = grid_anchors(recycling.num_grids, recycling.shift)
-        # errors at the noise endpoint (paper B_noi) and at the data endpoint (paper B_vid)
-        self.noise_errors, self.x0_errors = make_banks(recycling)
+        # errors at the noise endpoint (paper B_noi) and at the data endpoint (paper B_vid), keyed by expert + grid
+        self.noise_errors, self.x0_errors = make_banks(recycling, len(spec.experts))
         self.generator = torch.Generator()
         self.iteration = 0  # recycling steps taken (gates the warm-up); checkpointed
         self._last_step_end: float | None = None
@@ -125,16 +151,31 @@ class SVILitModule(L.LightningModule):
             init_lora_weights=init,
         )
 
-    def adapter_meta(self) -> AdapterMeta:
+    def adapter_meta(self, expert: str | None = None) -> AdapterMeta:
         provenance = {"step": int(self.global_step), "lora": asdict(self.lora), "recycling": asdict(self.recycling)}
-        return AdapterMeta.for_spec(self.spec, defaults=self.variant_defaults, provenance=provenance)
+        if len(self.spec.experts) > 1:
+            provenance["experts"] = asdict(self.experts)
+        return AdapterMeta.for_spec(self.spec, expert=expert, defaults=self.variant_defaults, provenance=provenance)
+
+    def expert_modules(self) -> dict[str, torch.nn.Module]:
+        """The trained transformers by expert name (``main`` for one-expert bases)."""
+        return {name: getattr(self, EXPERT_ATTRIBUTES[self.spec.experts.index(name)]) for name in self.trained}
+
+    def adapter_targets(self) -> list[tuple[str | None, str]]:
+        """``(expert, attribute)`` per adapter to export: one per trained A14B expert (expert named, so svi_infer
+        loads it into that expert), else one for all (expert None: a one-expert base, or a shared LoRA). The
+        attribute (``transformer`` / ``transformer_2``) is the module holding it and its state_dict prefix."""
+        attributes = [EXPERT_ATTRIBUTES[self.spec.experts.index(name)] for name in self.trained]
+        if len(self.spec.experts) == 1 or self.experts.shared_lora:
+            return [(None, attributes[0])]
+        return list(zip(self.trained, attributes, strict=True))
 
     def setup(self, stage: str) -> None:
         # one random stream per rank (torchtitan's reasoning: ranks must not draw the same noise / timesteps)
         self.generator.manual_seed(self.seed * 100_003 + self.global_rank)
 
     def configure_optimizers(self):
-        params = [p for p in self.transformer.parameters() if p.requires_grad]
+        params = [p for p in self.parameters() if p.requires_grad]  # shared (tied) LoRA weights once
         o = self.optim  # AdamW, or DeepSpeed's CPU AdamW under ZeRO-Offload
         return make_optimizer(params, self.trainer.strategy, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
 
@@ -146,16 +187,16 @@ class SVILitModule(L.LightningModule):
         t_start = time.perf_counter()
         data_wait = t_start - self._last_step_end if self._last_step_end is not None else 0.0
         g, cfg, device = self.generator, self.recycling, self.device
-        x0 = batch["latents"].float().cpu()  # [B, C, T, h, w]
-        m, cond = choose_cond(batch["cond"], self.motion_frames, self.p_more_motion, g)
-        h, w = x0.shape[-2:]
-        y = with_mask(cond.float().cpu(), first_frames_mask(batch["num_frames"], h, w, marked=1))
+        expert = self.step_expert = self._choose_expert()
+        transformer = self._place_experts(expert)
+        x0, y, held, motion = self._conditioning(batch)  # held: the latent hand-off's held latents (else 0)
+        replaced = 0 if self.spec.conditioning_by_concat else held  # TI2V-5B: frames the DiT gets clean
         # draws and injection per sample, on CPU with this rank's generator
-        draw = self.timesteps.sample(x0.shape[0], g)
-        grids = grid_of(draw.timestep, self.anchors).view(-1)
+        draw = self.timesteps.sample(x0.shape[0], g, self._expert_range(expert))
+        grids = self._bank_grids(draw.timestep, expert)
         dropped = [draw_dropout(self.kind, self.conditioning, g) for _ in range(x0.shape[0])]
         samples = [
-            self._recycled_inputs(x0[i], y[i], draw.sigma[i], int(grids[i]), dropped[i].image)
+            self._recycled_inputs(x0[i], y[i], draw.sigma[i], int(grids[i]), dropped[i].image, held)
             for i in range(x0.shape[0])
         ]
         x_t, y_t, v_target = (torch.stack([s[j] for s in samples]).to(device) for j in range(3))
@@ -168,8 +209,16 @@ class SVILitModule(L.LightningModule):
             keep = torch.tensor([not d.image for d in dropped], device=device, dtype=image.dtype)
             image = image * keep.view(-1, 1, 1)
         self._set_conditioning(batch, dropped)
-        v_pred = self._predict(torch.cat([x_t, y_t], dim=1), t, batch["text"].to(device), image)
-        per_sample = F.mse_loss(v_pred.float(), v_target.float(), reduction="none").mean(dim=(1, 2, 3, 4))
+        if self.spec.conditioning_by_concat:
+            latent_in, t_in = torch.cat([x_t, y_t], dim=1), t
+        else:  # the held latents (with their conditioning error) replace the first frames, at timestep 0
+            latent_in = replace_held(x_t, y_t[:, MASK_CHANNELS:, :replaced])
+            t_in = held_timesteps(t, tuple(x_t.shape[-3:]), replaced, self.spec.patch_size)
+        v_pred = self._predict(transformer, latent_in, t_in, batch["text"].to(device), image)
+        if replaced:  # no loss and no error on frames the model was given: their velocity is meaningless
+            v_pred = torch.cat([v_target[:, :, :replaced].to(v_pred.dtype), v_pred[:, :, replaced:]], dim=2)
+        squared = F.mse_loss(v_pred.float(), v_target.float(), reduction="none")[:, :, replaced:]
+        per_sample = squared.mean(dim=(1, 2, 3, 4))
         loss = (per_sample * weight).mean()
         bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=device)
         if self.trainer.world_size > 1:
@@ -180,9 +229,68 @@ class SVILitModule(L.LightningModule):
         t_bank = time.perf_counter()
         if cfg.enabled:
             self._update_banks(measure(v_pred, v_target, sigma), t, flags)
-        self._log_step(loss, m, batch, time.perf_counter() - t_bank, time.perf_counter() - t_start, data_wait)
+        self._log_step(loss, motion, batch, time.perf_counter() - t_bank, time.perf_counter() - t_start, data_wait)
         self._last_step_end = time.perf_counter()  # the step's backward and optimizer run after this; close enough
         return loss
+
+    # -- experts and conditioning ---------------------------------------------------------------------
+    def _choose_expert(self) -> str:
+        """The expert this step trains: the same on every rank (drawn from the run seed and the step, so the
+        collectives line up and a resumed run draws the same), high-noise with its share of the timesteps."""
+        if len(self.trained) == 1:
+            return self.trained[0]
+        share = self.experts.high_noise_share
+        if share is None:
+            share = self.timesteps.range_share(self._expert_range(HIGH_NOISE))
+        draw = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.global_step))
+        return self.trained[0] if float(torch.rand((), generator=draw)) < share else self.trained[1]
+
+    def _expert_range(self, expert: str) -> tuple[float, float] | None:
+        """``[low, high)`` timesteps of ``expert``: at or above ``boundary * 1000`` for the high-noise expert, as
+        the sampler switches; None on one-expert bases (the whole table)."""
+        if len(self.spec.experts) == 1:
+            return None
+        boundary = self.spec.boundary_ratio * 1000.0
+        return (boundary, 1001.0) if expert == HIGH_NOISE else (0.0, boundary)
+
+    def _bank_grids(self, timestep: torch.Tensor, expert: str) -> torch.Tensor:
+        index = self.spec.experts.index(expert)
+        grids = grid_of(timestep, self.anchors).view(-1)
+        return torch.tensor([expert_grid(int(g), index, self.recycling.num_grids) for g in grids])
+
+    def _place_experts(self, active: str) -> torch.nn.Module:
+        """The step's transformer; with ``experts.offload_idle`` the other one waits on the CPU."""
+        modules = self.expert_modules()
+        if self.experts.offload_idle:
+            for name, module in modules.items():
+                module.to(self.device if name == active else torch.device("cpu"))
+        return modules[active]
+
+    def _conditioning(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """``(x0, y, held, motion)`` on the CPU for the batch.
+
+        Pixel hand-off: the clean latents, y = mask + the conditioning latents of m motion frames (m drawn).
+        Latent hand-off (SVI 2.0 Pro, TI2V-5B): n motion latents drawn (0 = a clip-0 sample), then the target
+        and held latents of :func:`pro_training_pair` (``held`` of them); y carries them (on TI2V-5B only so that
+        the conditioning error lands on them: they then replace the first frames of the DiT input).
+        """
+        g = self.generator
+        x0 = batch["latents"].float().cpu()  # [B, C, T, h, w]
+        if self.handoff == "pixel":
+            m, cond = choose_cond(batch["cond"], self.motion_frames, self.p_more_motion, g)
+            h, w = x0.shape[-2:]
+            return x0, with_mask(cond.float().cpu(), first_frames_mask(batch["num_frames"], h, w, marked=1)), 0, m
+        if batch.get("anchor") is None:
+            raise ValueError(
+                f"variant.handoff=latent but the batch of samples {batch['key']} holds no anchor latent: prepare the "
+                "shards with `python -m data_tools prepare handoff=latent ...`"
+            )
+        options = {0: None} | batch["motion"]
+        n, motion = choose_cond(options, self.motion_latents, self.p_more_motion, g)
+        anchor = batch["anchor"].float().cpu()
+        x0, held = pro_training_pair(x0, anchor, None if motion is None else motion.float().cpu())
+        y = held_y(held, x0.shape[-3])
+        return x0, y, held.shape[-3], n
 
     def _set_conditioning(self, batch: dict, dropped: list[Dropped]) -> None:
         """The step's audio windows (Talk) or pose video (Dance) on the DiT, with this step's dropout."""
@@ -203,11 +311,13 @@ class SVILitModule(L.LightningModule):
             self._pose_keep.set(dropped)  # dropped samples: the encoded pose times 0 (exactly the plain tokens)
             set_pose(self.transformer, batch["pose"].to(self.device))
 
-    def _predict(self, latent_in: torch.Tensor, t: torch.Tensor, text: torch.Tensor, image: torch.Tensor | None):
+    def _predict(
+        self, transformer, latent_in: torch.Tensor, t: torch.Tensor, text: torch.Tensor, image: torch.Tensor | None
+    ) -> torch.Tensor:
         # the DiT's compute dtype: bf16 weights under DeepSpeed bf16 and FSDP mixed precision, where self.dtype
         # still says float32
-        dtype = self.transformer.patch_embedding.weight.dtype
-        return self.transformer(
+        dtype = transformer.patch_embedding.weight.dtype
+        return transformer(
             hidden_states=latent_in.to(dtype),
             timestep=t,
             encoder_hidden_states=text.to(dtype),
@@ -228,7 +338,7 @@ class SVILitModule(L.LightningModule):
             )
         if self.trainer.world_size > 1:  # Lightning cannot skip a step on several ranks: make it a no-op
             self._hold_optimizer()
-            return sum(p.sum() for p in self.transformer.parameters() if p.requires_grad) * 0.0
+            return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
         return None
 
     def _hold_optimizer(self) -> None:
@@ -259,10 +369,11 @@ class SVILitModule(L.LightningModule):
 
         handle = base.register_step_post_hook(put_back)
 
-    def _recycled_inputs(self, x0: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor, grid: int, drop_y: bool = False):
+    def _recycled_inputs(self, x0, y, sigma, grid: int, drop_y: bool = False, held: int = 0):
         """One sample's DiT input, conditioning and target, with errors from the banks injected (on CPU).
 
-        ``drop_y`` (Dance's pose-and-image dropout): y is zeroed, mask included, and gets no error.
+        ``drop_y`` (Dance's pose-and-image dropout): y is zeroed, mask included, and gets no error. ``held``: the
+        latent hand-off's held latents, the only frames of y the conditioning error may reach.
         """
         cfg, g = self.recycling, self.generator
         noise = torch.randn(x0.shape, generator=g)
@@ -273,7 +384,7 @@ class SVILitModule(L.LightningModule):
         flags = draw_flags(cfg, g)
         if drop_y:
             flags = replace(flags, cond=False)
-        injected = inject(x0, noise, y, grid, self.noise_errors, self.x0_errors, cfg, g, flags)
+        injected = inject(x0, noise, y, grid, self.noise_errors, self.x0_errors, cfg, g, flags, held or None)
         x_t, v_target = recycled_input_and_target(x0, injected, sigma)  # the target points to the CLEAN x0
         return x_t, injected.y, v_target, flags
 
@@ -286,7 +397,7 @@ class SVILitModule(L.LightningModule):
         if in_warmup(self.iteration, self.recycling) and self.trainer.world_size > 1:
             noise, x0, t, update = (self.all_gather(v).flatten(0, 1) for v in (noise, x0, t, update))
         self.iteration += 1
-        grids = grid_of(t.cpu(), self.anchors).view(-1)
+        grids = self._bank_grids(t.cpu(), self.step_expert)  # every rank trains the same expert in a step
         for i in range(t.shape[0]):
             if update[i]:
                 record(
@@ -297,10 +408,12 @@ class SVILitModule(L.LightningModule):
                     self.generator,
                 )
 
-    def _log_step(self, loss, m, batch, bank_s: float, step_s: float, data_wait_s: float) -> None:
+    def _log_step(self, loss, motion, batch, bank_s: float, step_s: float, data_wait_s: float) -> None:
         self.log("train/loss", loss, prog_bar=True)
+        if len(self.trained) > 1:  # per expert: each curve only has the steps of its expert
+            self.log(f"train/loss_{self.step_expert}", loss)
         self.log("perf/data_wait_s", data_wait_s)
-        self.log("train/motion_frames", float(m))
+        self.log("train/motion_latents" if self.handoff == "latent" else "train/motion_frames", float(motion))
         self.log("perf/step_s", step_s)
         self.log("perf/bank_s", bank_s)
         self.log("perf/samples_per_s", batch["latents"].shape[0] / max(step_s, 1e-9))
@@ -312,10 +425,13 @@ class SVILitModule(L.LightningModule):
 
     # -- checkpoints --------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        modules = self.expert_modules()
         checkpoint[CHECKPOINT_KEY] = {
             "adapter_name": self.ADAPTER,
-            "lora_config": json_safe(self.transformer.peft_config[self.ADAPTER].to_dict()),
+            "lora_config": json_safe(next(iter(modules.values())).peft_config[self.ADAPTER].to_dict()),
             "meta": {"format": 1, **asdict(self.adapter_meta())},
+            # per adapter: the expert it is for (None: all) and the state_dict prefix of its weights
+            "adapters": [{"expert": expert, "prefix": attribute} for expert, attribute in self.adapter_targets()],
         }
         state = self._rank_state()
         checkpoint["svi_rng"], checkpoint["svi_recycling"] = state["svi_rng"], state["svi_recycling"]
@@ -391,6 +507,34 @@ class SVILitModule(L.LightningModule):
         )
         recycling = dict(checkpoint.get("svi_recycling") or {}, generator=None)
         return {"svi_rng": None, "svi_recycling": recycling}
+
+
+def check_spec_handoff(spec: ModelSpec, handoff: str) -> str:
+    """``variant.handoff`` for training; TI2V-5B has no y channels, so only the latent hand-off fits it."""
+    if handoff not in HANDOFFS:
+        raise ValueError(f"variant.handoff must be one of {HANDOFFS}, got {handoff!r}")
+    if handoff == "pixel" and not spec.conditioning_by_concat:
+        raise ValueError(
+            f"{spec.id} conditions by replacing its first latent frames (no y channels): train it with "
+            "variant.handoff=latent (+experiment=wan22_5b) on shards prepared with handoff=latent"
+        )
+    return handoff
+
+
+def tie_lora(follower: torch.nn.Module, leader: torch.nn.Module, adapter_name: str) -> int:
+    """Make ``follower``'s LoRA weights the very parameters of ``leader``'s (one LoRA shared by both Wan 2.2
+    experts: a gradient from either expert updates it); returns the number of tied weights."""
+    leader_params = dict(leader.named_parameters())
+    tied = 0
+    for name, module in follower.named_modules():
+        for kind in ("lora_A", "lora_B"):
+            layers = getattr(module, kind, None)
+            if isinstance(layers, torch.nn.ModuleDict) and adapter_name in layers:
+                layers[adapter_name].weight = leader_params[f"{name}.{kind}.{adapter_name}.weight"]
+                tied += 1
+    if not tied:
+        raise ValueError(f"no LoRA weight of adapter {adapter_name!r} to tie")
+    return tied
 
 
 def rank_state_path(checkpoint_dir: Path, global_step: int, rank: int) -> Path:

@@ -17,13 +17,14 @@ from svi_train.callbacks import AdapterExport, RolloutPreview
 from svi_train.config import (
     CallbackSettings,
     ConditioningSettings,
+    ExpertSettings,
     LoggerSettings,
     LoraSettings,
     OptimSettings,
     TrainerSettings,
 )
-from svi_train.data import DataConfig, WdsDataModule, read_index
-from svi_train.module import SVILitModule
+from svi_train.data import DataConfig, WdsDataModule, check_shards_handoff, read_index
+from svi_train.module import SVILitModule, check_spec_handoff
 from svi_train.recycling import RecyclingConfig
 from svi_train.strategies import make_strategy
 from svi_train.variants import check_kind
@@ -95,16 +96,25 @@ def run(cfg: DictConfig) -> Path:
     spec = get_spec(cfg.model.spec)
     if cfg.model.path is None and not spec.tiny:
         raise ValueError(f"model.path is required for {spec.id} (or train the tiny model: +experiment=tiny)")
+    trainer_cfg = _typed(TrainerSettings, cfg.trainer)
+    experts = _typed(ExpertSettings, cfg.experts)
+    trained = experts.trained(spec.experts)
+    if experts.offload_idle and (trainer_cfg.strategy != "auto" or str(trainer_cfg.devices) != "1"):
+        raise ValueError(
+            "experts.offload_idle moves the idle expert between devices, which works on one device only: use it "
+            f"with trainer.strategy=auto trainer.devices=1 (got {trainer_cfg.strategy}, devices={trainer_cfg.devices})"
+        )
+    handoff = check_spec_handoff(spec, cfg.variant.get("handoff", "pixel"))
     data = _typed(DataConfig, cfg.data)
     index = read_index(data.path)
     if index["spec"] != spec.id and not (get_spec(index["spec"]).family == spec.family):
         raise ValueError(f"the shards in {data.path} were encoded for {index['spec']}, not {spec.id}")
     run_dir = Path(cfg.output_dir)
-    trainer_cfg = _typed(TrainerSettings, cfg.trainer)
     callbacks_cfg = _typed(CallbackSettings, cfg.callbacks)
     variant = OmegaConf.to_container(cfg.variant, resolve=True)
     conditioning = _typed(ConditioningSettings, cfg.conditioning)
     multitalk = _check_variant(cfg, spec, variant, conditioning, index, callbacks_cfg)
+    check_shards_handoff(index, data, handoff)  # before the model is built
     L.seed_everything(cfg.seed, workers=True)
     module = SVILitModule(
         spec,
@@ -119,6 +129,8 @@ def run(cfg: DictConfig) -> Path:
         save_banks=callbacks_cfg.save_banks,
         conditioning=conditioning,
         multitalk=multitalk,
+        experts=experts,
+        motion_latents=data.motion_latents,
     )
     export = AdapterExport(run_dir / "adapters", callbacks_cfg.export_every_n_steps)
     callbacks = [
@@ -167,7 +179,12 @@ def run(cfg: DictConfig) -> Path:
         accelerator=trainer_cfg.accelerator,
         devices=trainer_cfg.devices,
         num_nodes=trainer_cfg.num_nodes,
-        strategy=make_strategy(trainer_cfg.strategy, trainer_cfg.accelerator, offload=trainer_cfg.offload),
+        strategy=make_strategy(
+            trainer_cfg.strategy,
+            trainer_cfg.accelerator,
+            offload=trainer_cfg.offload,
+            unused_parameters=len(trained) > 1 and not experts.shared_lora,  # one expert's LoRA idles each step
+        ),
         precision=trainer_cfg.precision,
         max_steps=trainer_cfg.max_steps,
         gradient_clip_val=trainer_cfg.gradient_clip_val,
@@ -179,5 +196,5 @@ def run(cfg: DictConfig) -> Path:
         plugins=[] if trainer_cfg.strategy.startswith("deepspeed") else [AtomicCheckpointIO()],
         default_root_dir=str(run_dir),
     )
-    trainer.fit(module, datamodule=WdsDataModule(data, seed=cfg.seed), ckpt_path=cfg.resume)
+    trainer.fit(module, datamodule=WdsDataModule(data, seed=cfg.seed, handoff=handoff), ckpt_path=cfg.resume)
     return run_dir / "adapters" / "final"

@@ -125,7 +125,9 @@ def on_cpu(accelerator: str) -> bool:
     return accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
 
 
-def make_strategy(name: str, accelerator: str, offload: bool = False) -> Strategy | str:
+def make_strategy(
+    name: str, accelerator: str, offload: bool = False, unused_parameters: bool = False
+) -> Strategy | str:
     """The strategy for a ``trainer.strategy`` config name.
 
     Args:
@@ -135,6 +137,8 @@ def make_strategy(name: str, accelerator: str, offload: bool = False) -> Strateg
         offload: ZeRO-Offload / FSDP CPU offload. ZeRO-2 offloads the optimizer state, ZeRO-3 the optimizer
             state and the parameters (the optimizer must then be DeepSpeed's CPU Adam: see ``make_optimizer``),
             FSDP the parameters.
+        unused_parameters: some trainable parameters get no gradient in a step (Wan 2.2 A14B: the LoRA of the
+            expert not trained in it); DDP must then look for them (``find_unused_parameters``).
 
     Checkpoints of the DeepSpeed strategies leave out the frozen base (``exclude_frozen_parameters``): it is
     rebuilt from the model folder, and writing 14B frozen weights per checkpoint would dwarf the LoRA.
@@ -144,7 +148,7 @@ def make_strategy(name: str, accelerator: str, offload: bool = False) -> Strateg
     if offload and name not in ("deepspeed_z2", "deepspeed_z3", "fsdp"):
         raise ValueError(f"trainer.offload needs a deepspeed_z2, deepspeed_z3 or fsdp strategy, not {name!r}")
     if name == "ddp":
-        return DDPStrategy(process_group_backend=backend)
+        return DDPStrategy(process_group_backend=backend, find_unused_parameters=unused_parameters)
     if name in ("deepspeed_z2", "deepspeed_z3"):
         stage = int(name[-1])
         cls = CPUDeepSpeedStrategy if cpu else DeepSpeedStrategy

@@ -5,7 +5,11 @@ from svi_infer.conditioning import (
     check_frames_per_clip,
     conditioning_video,
     first_frames_mask,
+    held_timesteps,
+    held_y,
     latent_handoff,
+    pro_training_pair,
+    replace_held,
     with_mask,
 )
 
@@ -97,3 +101,40 @@ def test_frames_per_clip_rule():
     check_frames_per_clip(1)
     with pytest.raises(ValueError, match="4k\\+1"):
         check_frames_per_clip(80)
+
+
+def _latents(values, c=2, h=1, w=2):
+    """[c, len(values), h, w] latents whose frame i is filled with values[i]."""
+    return torch.tensor(values, dtype=torch.float32)[None, :, None, None].expand(c, -1, h, w).clone()
+
+
+def test_pro_training_pair_exact():
+    window = _latents([10.0, 11.0, 12.0, 13.0, 14.0])
+    anchor = _latents([-1.0])
+    motion = _latents([0.5])  # the window's latent 1, from augmented frames
+    x0, held = pro_training_pair(window, anchor, motion)
+    assert x0[0, :, 0, 0].tolist() == [-1.0, 11.0, 12.0, 13.0, 14.0]  # latent 0 = anchor, then the window's own
+    assert held[0, :, 0, 0].tolist() == [-1.0, 0.5]
+    y = held_y(held, 5)
+    assert y.shape == (4 + 2, 5, 1, 2)
+    assert y[:4, :, 0, 0].tolist() == [[1.0, 0.0, 0.0, 0.0, 0.0]] * 4  # only latent 0 marked
+    assert y[4, :, 0, 0].tolist() == [-1.0, 0.5, 0.0, 0.0, 0.0]  # literal zeros after the held latents
+    # clip 0 (no motion): the window itself, held = its first latent
+    x0, held = pro_training_pair(window, anchor, None)
+    assert torch.equal(x0, window) and held[0, :, 0, 0].tolist() == [10.0]
+    # batched, two motion latents
+    batch = [t[None].repeat(2, 1, 1, 1, 1) for t in (window, anchor, _latents([0.5, 0.75]))]
+    x0, held = pro_training_pair(*batch)
+    assert x0.shape == (2, 2, 5, 1, 2) and held[1, 0, :, 0, 0].tolist() == [-1.0, 0.5, 0.75]
+
+
+def test_replace_held_and_held_timesteps_exact():
+    x = _latents([1.0, 2.0, 3.0, 4.0])[None]
+    out = replace_held(x, _latents([-1.0, -2.0]))
+    assert out[0, 0, :, 0, 0].tolist() == [-1.0, -2.0, 3.0, 4.0] and x[0, 0, 0, 0, 0] == 1.0  # not in place
+    with pytest.raises(ValueError, match="leave room"):
+        replace_held(x, _latents([0.0] * 4))
+    # 3 latent frames of 4x6 latents, patch (1, 2, 2): 6 tokens per frame; first 2 frames held
+    t = held_timesteps(torch.tensor([700.0, 300.0]), (3, 4, 6), 2, (1, 2, 2))
+    assert t.shape == (2, 18)
+    assert t[0].tolist() == [0.0] * 12 + [700.0] * 6 and t[1].tolist() == [0.0] * 12 + [300.0] * 6

@@ -149,7 +149,7 @@ def test_two_ranks_train_share_errors_and_export(case, shards, tmp_path):
     else:
         from svi_train.export import export
 
-        assert_same_weights(export(checkpoint, "peft", tmp_path / "exported"), trained)
+        assert_same_weights(export(checkpoint, "peft", tmp_path / "exported")[0], trained)
 
 
 # -- fast: the name -> strategy mapping and the trainer configs, no process group --------------------------------

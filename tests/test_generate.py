@@ -126,15 +126,6 @@ def test_bad_settings_are_refused(tiny21, bad, message):
         LongVideoGenerator(tiny21, GenerationSettings(**{**SMALL, **bad}))
 
 
-def test_ti2v_5b_generation_is_refused_clearly():
-    from svi_infer.model import build_model
-    from svi_infer.spec import get_spec
-
-    model = build_model(get_spec("tiny-wan2.2-ti2v-5b"))
-    with pytest.raises(ValueError, match="TI2V-5B"):
-        LongVideoGenerator(model, GenerationSettings(**{**SMALL, "height": 64, "width": 96}))
-
-
 def test_memory_of_the_loop_does_not_hold_clips(tiny21, first_frame, tmp_path, monkeypatch):
     """Only the tail (m frames) is carried from clip to clip, whatever the number of clips."""
     tails = []

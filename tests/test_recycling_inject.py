@@ -146,6 +146,20 @@ def test_cond_frames_are_capped_by_the_clip_length():
     assert torch.equal(out.y[4:] - y[4:], x0_error())
 
 
+def test_cond_frames_stop_at_the_held_latents():
+    """Latent hand-off: the error reaches only the held latents; the zero latents after them stay zero."""
+    x0, noise, y = inputs()
+    noise_bank, x0_bank = banks()
+    cfg = RecyclingConfig(p_clean=0.0, cond_error_frames=3)
+    out = inject(x0, noise, y, GRID, noise_bank, x0_bank, cfg, gen(), Flags(False, False, True, False), cond_frames=1)
+    delta = out.y[4:] - y[4:]
+    assert not delta[:, 1:].any()
+    g = gen()
+    x0_bank.sample_any(g)  # replay the draws: the error, then the start of its 1-frame window (of four)
+    start = int(torch.randint(T, (1,), generator=g))
+    assert torch.equal(delta[:, :1], x0_error()[:, start : start + 1])
+
+
 def test_modulation_scales_each_error_uniformly():
     x0, noise, y = inputs()
     noise_bank, x0_bank = banks()

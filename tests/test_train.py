@@ -34,7 +34,7 @@ def _train(shards, out, *overrides):
     return run(cfg)
 
 
-@pytest.mark.parametrize("model", ["tiny_wan21_i2v", "wan21_i2v_14b_480p"])
+@pytest.mark.parametrize("model", sorted(p.stem for p in (CONF / "model").glob("*.yaml")))
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes(experiment, model):
     cfg = compose_train([f"+experiment={experiment}", f"model={model}"])
@@ -150,7 +150,7 @@ def test_recycling_off_is_the_plain_lora_baseline(shards, tmp_path):
 def test_export_round_trips(shards, tmp_path, fmt, source):
     adapter = _train(shards, tmp_path / "run", "lora.alpha=8.0")
     src = adapter if source == "adapter" else tmp_path / "run" / "checkpoints" / "last.ckpt"
-    out = export(src, fmt, tmp_path / ("lora.safetensors" if fmt == "comfyui" else "exported"))
+    (out,) = export(src, fmt, tmp_path / ("lora.safetensors" if fmt == "comfyui" else "exported"))
     reference = build_model(get_spec(TINY21))
     load_adapter(reference, adapter)
     model = build_model(get_spec(TINY21))

@@ -441,7 +441,7 @@ def test_dance_exports_carry_the_pose_encoder(dance_run, tmp_path, fmt):
     load_adapter(reference, adapter)
     set_pose(reference.transformers[0], _pose_inputs())
     for source in (adapter, out / "checkpoints" / "last.ckpt"):
-        dest = export(source, fmt, tmp_path / source.stem / ("lora.safetensors" if fmt == "comfyui" else "exported"))
+        (dest,) = export(source, fmt, tmp_path / source.stem / ("lora.safetensors" if fmt == "comfyui" else "exported"))
         model = build_model(get_spec(TINY21))
         load_adapter(model, dest)
         encoder = find_pose_encoder(model.transformers[0])

@@ -11,7 +11,7 @@ One step, per sample::
         record(measure(v_pred, v_target, sigma), grid, noise_bank, x0_bank, gen)
 """
 
-from svi_train.recycling.bank import ErrorBank, make_banks
+from svi_train.recycling.bank import ErrorBank, expert_grid, make_banks
 from svi_train.recycling.config import REPLACEMENT_POLICIES, STORAGE_DTYPES, RecyclingConfig
 from svi_train.recycling.inject import MASK_CHANNELS, Flags, Injected, draw_flags, inject, recycled_input_and_target
 from svi_train.recycling.measure import Errors, in_warmup, measure, record, should_update
@@ -38,6 +38,7 @@ __all__ = [
     "TimestepSampler",
     "bell_loss_weights",
     "draw_flags",
+    "expert_grid",
     "grid_anchors",
     "grid_of",
     "in_warmup",

@@ -19,6 +19,8 @@ All entries of a bank share one shape (set by the first insert), so the byte cos
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor
 
@@ -297,9 +299,22 @@ class ErrorBank:
             raise ValueError(f"state needs {self.nbytes} bytes, above max_bytes={self.max_bytes}")
 
 
-def make_banks(cfg: RecyclingConfig) -> tuple[ErrorBank, ErrorBank]:
-    """The two banks of ERFT: (noise-endpoint errors, x0-endpoint errors), named ``noise`` and ``x0``."""
-    return ErrorBank.from_config(cfg, "noise"), ErrorBank.from_config(cfg, "x0")
+def make_banks(cfg: RecyclingConfig, num_experts: int = 1) -> tuple[ErrorBank, ErrorBank]:
+    """The two banks of ERFT: (noise-endpoint errors, x0-endpoint errors), named ``noise`` and ``x0``.
+
+    With several experts (Wan 2.2 A14B) the banks are keyed by (expert, grid): ``num_grids`` grids per expert
+    (:func:`expert_grid`), so an expert's errors are only replayed to that expert; conditioning errors drawn
+    from all grids (``cond_from_all_grids``) come from every expert, as the previous clip was made by all.
+    """
+    layout = replace(cfg, num_grids=cfg.num_grids * num_experts)
+    return ErrorBank.from_config(layout, "noise"), ErrorBank.from_config(layout, "x0")
+
+
+def expert_grid(grid: int, expert: int, num_grids: int) -> int:
+    """The bank grid of timestep grid ``grid`` for expert ``expert`` (its index in ``spec.experts``)."""
+    if not 0 <= grid < num_grids:
+        raise ValueError(f"grid {grid} outside 0..{num_grids - 1}")
+    return expert * num_grids + grid
 
 
 def _numel(shape: tuple[int, ...]) -> int:

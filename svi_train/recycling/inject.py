@@ -62,13 +62,15 @@ def inject(
     cfg: RecyclingConfig,
     generator: torch.Generator,
     flags: Flags,
+    cond_frames: int | None = None,
 ) -> Injected:
     """Add banked errors to one sample: ``x0``/``noise`` are [C, T, h, w], ``y`` is [4 + C, T, h, w].
 
     - noise: ``noise + E`` with E from the noise-endpoint bank of ``grid``;
     - conditioning: E from the x0-endpoint bank (any grid when ``cfg.cond_from_all_grids``, else ``grid``); its
       frames ``j .. j+k`` (j uniform over all full windows) go onto the latent channels of the first
-      k = ``cfg.cond_error_frames`` latent frames of y; the mask channels are never touched;
+      k = ``cfg.cond_error_frames`` latent frames of y, at most ``cond_frames`` (the latent hand-off's held
+      latents: the zero latents after them stay zero, as at generation); the mask channels are never touched;
     - latent: ``x0 + E`` with E from the x0-endpoint bank of ``grid``.
 
     Each error is gated on the bank it comes from being non-empty. (The reference gates the latent error on the
@@ -85,7 +87,7 @@ def inject(
     if flags.cond:
         error = x0_bank.sample_any(generator) if cfg.cond_from_all_grids else x0_bank.sample(grid, generator)
         if error is not None:
-            frames = min(cfg.cond_error_frames, error.shape[1])
+            frames = min(cfg.cond_error_frames, cond_frames or cfg.cond_error_frames, error.shape[1])
             start = int(torch.randint(error.shape[1] - frames + 1, (1,), generator=generator))
             window = _modulated(error[:, start : start + frames], y, cfg, generator)
             y = y.clone()

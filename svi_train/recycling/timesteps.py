@@ -70,8 +70,40 @@ class TimestepSampler:
         self.timesteps = timesteps_from_sigmas(self.sigmas)
         self.weights = bell_loss_weights(self.timesteps)
 
-    def sample(self, num: int, generator: torch.Generator) -> TimestepDraw:
-        """``num`` independent draws (one per sample of the batch)."""
+    def in_range(self, t_range: tuple[float, float]) -> Tensor:
+        """Indices of the table entries with ``low <= t < high`` (an expert's range; ``high`` above 1000 takes
+        the noisiest entry too)."""
+        low, high = t_range
+        index = ((self.timesteps >= low) & (self.timesteps < high)).nonzero().view(-1)
+        if index.numel() == 0:
+            raise ValueError(f"no training timestep lies in [{low}, {high})")
+        return index
+
+    def _table_probabilities(self) -> Tensor:
+        """Probability of each table entry under this sampler's mode (uniform, or logit-normal mass per entry)."""
+        size = len(self.timesteps)
+        if self.mode == "shifted_uniform":
+            return torch.full((size,), 1.0 / size, dtype=torch.float64)
+        edges = torch.linspace(0.0, 1.0, size + 1, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
+        normal = torch.distributions.Normal(self.logit_mean, self.logit_std)
+        cdf = normal.cdf(torch.log(edges / (1 - edges)))
+        mass = cdf[1:] - cdf[:-1]
+        return mass / mass.sum()
+
+    def range_share(self, t_range: tuple[float, float]) -> float:
+        """The share of draws over the whole table that land in ``t_range`` (how often a one-model run would
+        have trained there): the default share of steps the high-noise expert gets."""
+        return float(self._table_probabilities()[self.in_range(t_range)].sum())
+
+    def sample(self, num: int, generator: torch.Generator, t_range: tuple[float, float] | None = None) -> TimestepDraw:
+        """``num`` independent draws (one per sample of the batch).
+
+        ``t_range``: draw only from the table entries in ``[low, high)`` (one Wan 2.2 expert's range), with the
+        mode's probabilities restricted to them; the loss weights are rescaled to mean 1 over the range, so each
+        expert's loss has the scale of a one-model run.
+        """
+        if t_range is not None:
+            return self._sample_in_range(num, generator, t_range)
         size = len(self.timesteps)
         if self.mode == "shifted_uniform":
             index = torch.randint(size, (num,), generator=generator)
@@ -83,12 +115,23 @@ class TimestepSampler:
             u = torch.sigmoid(self.logit_mean + self.logit_std * normal)
             index = (u * size).long().clamp(0, size - 1)
             weight = torch.ones(num, dtype=torch.float64)
+        return self._draw(index, weight)
+
+    def _draw(self, index: Tensor, weight: Tensor) -> TimestepDraw:
         return TimestepDraw(
-            timestep=self.timesteps[index].float(),
-            sigma=self.sigmas[index].float(),
-            weight=weight.float(),
-            index=index,
+            timestep=self.timesteps[index].float(), sigma=self.sigmas[index].float(), weight=weight.float(), index=index
         )
+
+    def _sample_in_range(self, num: int, generator: torch.Generator, t_range: tuple[float, float]) -> TimestepDraw:
+        allowed = self.in_range(t_range)
+        if self.mode == "shifted_uniform":
+            index = allowed[torch.randint(len(allowed), (num,), generator=generator)]
+            weight = self.weights[index] / self.weights[allowed].mean()
+        else:
+            probs = self._table_probabilities()[allowed]
+            index = allowed[torch.multinomial(probs, num, replacement=True, generator=generator)]
+            weight = torch.ones(num, dtype=torch.float64)
+        return self._draw(index, weight)
 
     def weight_of(self, timestep: Tensor | float) -> Tensor:
         """Loss weight of the nearest table entry (the reference's ``training_weight``)."""
