@@ -2,8 +2,8 @@
 
 prepare pre-encoded shards from a bundled synthetic clip set (made with the bundled ffmpeg) -> train an
 error-recycling LoRA on them (+experiment=tiny, a few hundred CPU steps) -> export it (ComfyUI format) ->
-generate a multi-clip video with the trained adapter. The tiny model has random weights, so the pictures are
-noise-like: the point is the pipeline.
+generate a multi-clip video with the trained adapter -> measure its drift (python -m svi_infer.evaluate). The
+tiny model has random weights, so the pictures are noise-like: the point is the pipeline.
 """
 
 from __future__ import annotations
@@ -59,11 +59,13 @@ def main() -> None:
     video = OUT / "shot_tiny.mp4"
     run([py, "-m", "svi_infer", "model=tiny_wan21_i2v", "+experiment=shot", f"image={image}", f"prompts={prompts}"]
         + [f"adapter.path={adapter}", f"output={video}", "num_clips=4", "resume=false"])  # fmt: skip
+    run([py, "-m", "svi_infer.evaluate", str(video), "--reference", str(image)])
     print(f"\nclips:   {len(clips)} synthetic videos with captions under {OUT / 'clips'}")
     print(f"shards:  {dataset / 'shards'} (index {dataset / 'index.json'}, report {dataset / 'report.json'})")
     print(f"train:   {train_dir} (metrics {train_dir / 'csv'}, checkpoints {train_dir / 'checkpoints'})")
     print(f"adapter: {adapter} (ComfyUI export {comfy})")
     print(f"inputs:  {image}, {prompts}\nvideo:   {video}\nsidecar: {video.with_suffix('.json')}")
+    print(f"drift:   {video.with_suffix('.eval.json')} (plot {video.with_suffix('.eval.png')})")
 
 
 if __name__ == "__main__":

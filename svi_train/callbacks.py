@@ -1,4 +1,5 @@
-"""Callbacks: export inference-ready adapter directories, and render rollout previews while training."""
+"""Callbacks: export inference-ready adapter directories, and render rollout previews (with their drift metrics)
+while training."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image
 
 from svi_infer.adapters import save_adapter
+from svi_infer.atomic import write_with
+from svi_infer.evaluate import evaluate_video, output_paths, write_report
 from svi_infer.generate import GenerationSettings, LongVideoGenerator
 from svi_infer.video_io import tensor_to_frames
 from svi_train.strategies import lora_state_dict
@@ -45,7 +48,10 @@ class AdapterExport(L.Callback):
 
 class RolloutPreview(L.Callback):
     """Every ``every_n_steps``: generate K chained clips with the current adapter on a fixed image and prompt
-    stream (the same loop as svi_infer), save the mp4 under the run folder and log it to wandb."""
+    stream (the same loop as svi_infer), save the mp4 under the run folder and log it to wandb, with its drift
+    metrics (:mod:`svi_infer.evaluate`, the image as reference) as ``preview/<metric>`` curves, so a drifting
+    adapter shows as a rising ``preview/color_drift_last`` or a falling ``preview/ssim_ref_last``; the report and
+    its plot go beside the video (``step_XXXXXX.eval.json`` / ``.png``)."""
 
     def __init__(
         self,
@@ -92,10 +98,25 @@ class RolloutPreview(L.Callback):
         finally:
             for transformer in experts:
                 transformer.train(was_training)
+        scalars, plot = self._evaluate(result)
         for logger in trainer.loggers:
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "log") and type(logger).__name__ == "WandbLogger":
                 import wandb
 
-                experiment.log({"preview/rollout": wandb.Video(str(result.video), format="mp4")}, step=step)
+                media = {"preview/rollout": wandb.Video(str(result.video), format="mp4")}
+                experiment.log({**media, "preview/drift_plot": wandb.Image(str(plot))}, step=step)
         module.log("preview/frames", float(result.frames), rank_zero_only=True)
+        for name, value in scalars.items():
+            module.log(f"preview/{name}", value, rank_zero_only=True)
+
+    def _evaluate(self, result) -> tuple[dict[str, float], Path]:
+        """Drift metrics of the preview (its clips as the sidecar records them, the preview image as reference),
+        written beside it; returns the summary scalars and the plot's path."""
+        reference = self.dirpath / "reference.png"
+        if not reference.is_file():
+            write_with(reference, lambda tmp: self.image.save(tmp, format="PNG"))
+        report = evaluate_video(result.video, reference)  # its clips from the preview's sidecar
+        json_path, png_path = output_paths(result.video)
+        write_report(report, json_path, png_path)
+        return report["summary"], png_path

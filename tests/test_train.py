@@ -136,6 +136,13 @@ def test_rollout_preview_and_metrics(shards, tmp_path):
     header = (tmp_path / "run" / "csv" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
     for name in ("train/loss", "lr-AdamW", "perf/step_s", "perf/data_wait_s", "perf/bank_s", "data/skipped"):
         assert name in header
+    # drift metrics of every preview, against the preview image, as curves over training
+    for name in ("preview/color_drift_last", "preview/ssim_ref_last", "preview/seam_flicker_max", "preview/motion_min"):
+        assert name in header
+    report = json.loads((tmp_path / "run" / "previews" / "step_000006.eval.json").read_text())
+    assert [(c["start"], c["end"]) for c in report["clips"]] == [(0, 9), (9, 17)]
+    assert report["reference"]["path"].endswith("reference.png")
+    assert (tmp_path / "run" / "previews" / "step_000006.eval.png").stat().st_size > 0
 
 
 def test_recycling_off_is_the_plain_lora_baseline(shards, tmp_path):
