@@ -9,7 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from data_tools.augment import AugmentSettings
-from data_tools.encode import HANDOFFS, configure_vae
+from data_tools.encode import configure_vae
 from data_tools.report import Report
 from data_tools.stages import (
     DataSettings,
@@ -25,7 +25,7 @@ from data_tools.stages import (
 )
 from data_tools.windows import resolve_buckets
 from svi_infer.audio import AudioEncoder
-from svi_infer.conditioning import check_frames_per_clip
+from svi_infer.conditioning import HANDOFFS, check_frames_per_clip
 from svi_infer.model import build_model, resolve_device
 from svi_infer.spec import ModelSpec, get_spec
 

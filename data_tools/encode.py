@@ -18,7 +18,6 @@ from svi_infer.schema import SCHEMA_VERSION, Sample
 from svi_infer.video_io import frames_to_tensor
 
 ANCHOR_MODES = ("outside", "in_clip", "first")
-HANDOFFS = ("pixel", "latent")
 
 
 @dataclass(frozen=True)

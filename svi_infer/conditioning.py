@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 MASK_CHANNELS = 4
+HANDOFFS = ("pixel", "latent")  # how a clip is carried into the next: decoded frames, or latents
 
 
 def check_frames_per_clip(num_frames: int, temporal_factor: int = 4) -> None:

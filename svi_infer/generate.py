@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from svi_infer.atomic import write_json, write_with
 from svi_infer.audio import TALK_FPS, AudioEncoder, AudioError, clip_audio, clips_for_frames, is_silent, read_audio
 from svi_infer.conditioning import (
+    HANDOFFS,
     check_frames_per_clip,
     conditioning_video,
     first_frames_mask,
@@ -61,7 +62,6 @@ from svi_infer.spec import WAN21_I2V, ModelSpec
 from svi_infer.talk import AudioWindows, TalkConfig, attach_talk, get_talk, latent_windows, load_multitalk
 from svi_infer.video_io import concat_mp4, fit_image, frames_to_tensor, mux_audio, tensor_to_frames, write_mp4
 
-HANDOFFS = ("pixel", "latent")
 SEED_POLICIES = ("fixed", "random")
 CONDITIONINGS = ("text", "audio", "pose")
 DEFAULT_NUM_CLIPS = 3  # what num_clips=None means without audio to measure

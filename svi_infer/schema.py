@@ -37,12 +37,12 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
+from svi_infer.conditioning import HANDOFFS
 from svi_infer.spec import SPECS
 
 SCHEMA_VERSION = 1
 TEXT_LEN = 512
 MEMBERS = ("latents", "cond", "anchor", "motion", "text", "image", "audio", "pose")
-HANDOFFS = ("pixel", "latent")
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_\-]+$")  # no dots: webdataset splits member names at the first dot
 _META_TYPES: dict[str, type | tuple[type, ...]] = {
     "schema_version": int,

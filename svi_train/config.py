@@ -101,7 +101,7 @@ class ExpertSettings:
 
     train: str = "all"  # all | high_noise | low_noise
     shared_lora: bool = False  # one LoRA shared by both experts (train=all only)
-    offload_idle: bool = False  # keep the expert not in use on the CPU (one device; moves 28 GB per switch at bf16)
+    offload_idle: bool = False  # keep the expert not in use on the CPU (one device; ~33 GB of bf16 per switch)
     high_noise_share: float | None = None  # share of steps for the high-noise expert; None: its share of timesteps
 
     def __post_init__(self) -> None:

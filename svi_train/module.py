@@ -18,6 +18,7 @@ from peft import LoraConfig
 from svi_infer.adapters import AdapterMeta
 from svi_infer.atomic import write_with
 from svi_infer.conditioning import (
+    HANDOFFS,
     MASK_CHANNELS,
     first_frames_mask,
     held_timesteps,
@@ -64,7 +65,6 @@ from svi_train.variants import (
 )
 
 EXPERT_ATTRIBUTES = ("transformer", "transformer_2")  # diffusers' names, by index in spec.experts
-HANDOFFS = ("pixel", "latent")
 
 
 def json_safe(data: dict) -> dict:
@@ -131,6 +131,10 @@ class SVILitModule(L.LightningModule):
             if optim.gradient_checkpointing:
                 transformer.enable_gradient_checkpointing()
         self.timesteps = TimestepSampler(mode=optim.timesteps, shift=recycling.shift)
+        share = self.experts.high_noise_share  # of the steps, when both A14B experts train
+        if share is None and len(self.trained) > 1:
+            share = self.timesteps.range_share(self._expert_range(HIGH_NOISE))
+        self.high_noise_share = share
         self.anchors = grid_anchors(recycling.num_grids, recycling.shift)
         # errors at the noise endpoint (paper B_noi) and at the data endpoint (paper B_vid), keyed by expert + grid
         self.noise_errors, self.x0_errors = make_banks(recycling, len(spec.experts))
@@ -239,11 +243,8 @@ class SVILitModule(L.LightningModule):
         collectives line up and a resumed run draws the same), high-noise with its share of the timesteps."""
         if len(self.trained) == 1:
             return self.trained[0]
-        share = self.experts.high_noise_share
-        if share is None:
-            share = self.timesteps.range_share(self._expert_range(HIGH_NOISE))
         draw = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.global_step))
-        return self.trained[0] if float(torch.rand((), generator=draw)) < share else self.trained[1]
+        return self.trained[0] if float(torch.rand((), generator=draw)) < self.high_noise_share else self.trained[1]
 
     def _expert_range(self, expert: str) -> tuple[float, float] | None:
         """``[low, high)`` timesteps of ``expert``: at or above ``boundary * 1000`` for the high-noise expert, as
