@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from svi_infer.atomic import atomic_dir
 from svi_infer.model import WanModel
 from svi_infer.pose import POSE_KEY, PoseEncoder, attach_pose, find_pose_encoder, load_pose_encoder, pose_state_dict
 from svi_infer.spec import HIGH_NOISE, LOW_NOISE, ModelSpec
@@ -420,9 +419,7 @@ def save_adapter(
     ``weights`` must then hold them itself (``svi_train.strategies.lora_state_dict`` does).
     """
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with atomic_dir(directory) as tmp:
         if weights is None:
             weights = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
             if find_pose_encoder(transformer) is not None:
@@ -433,16 +430,6 @@ def save_adapter(
         record = {"format": META_FORMAT, "base": meta.base, "expert": meta.expert, "defaults": meta.defaults}
         record["provenance"] = meta.provenance
         (tmp / SVI_META).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            directory.rename(old)
-            tmp.rename(directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return directory
 
 

@@ -12,28 +12,19 @@ from PIL import Image
 
 from svi_infer.adapters import AdapterError, expert_dirs, load_adapter, read_meta, set_strength
 from svi_infer.audio import TALK_FPS, AudioEncoder, frames_for_samples, read_audio
+from svi_infer.errors import USER_ERRORS  # noqa: F401  (re-exported for tests)
 from svi_infer.generate import (
     GenerationResult,
     GenerationSettings,
     LongVideoGenerator,
-    ResumeMismatchError,
     attach_talk_modules,
     check_talk_audio,
 )
-from svi_infer.model import ModelFolderError, OriginalFiles, build_model, resolve_device
-from svi_infer.prompts import PromptError, load_prompts
+from svi_infer.model import OriginalFiles, build_model, resolve_device
+from svi_infer.prompts import load_prompts
 from svi_infer.spec import HIGH_NOISE, LOW_NOISE, ModelSpec, get_spec
 from svi_infer.video_io import probe_streams, read_image
 
-# Errors that are the user's input, reported as one line without a traceback.
-USER_ERRORS = (
-    ValueError,
-    FileNotFoundError,
-    PromptError,
-    AdapterError,
-    ModelFolderError,
-    ResumeMismatchError,
-)
 _SPEC_DEFAULTS = ("frames_per_clip", "fps", "steps", "shift", "cfg_scale")
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -44,7 +43,7 @@ from svi_infer.adapters import (
     is_pose_key,
     original_module_name,
 )
-from svi_infer.atomic import atomic_path
+from svi_infer.atomic import atomic_dir, atomic_path
 from svi_infer.spec import HIGH_NOISE, LOW_NOISE
 
 FORMATS = ("peft", "diffusers", "comfyui")
@@ -146,9 +145,7 @@ def _write(weights: dict[str, Tensor], config: dict, meta: dict, fmt: str, outpu
         with atomic_path(output) as tmp:
             save_file(to_comfyui(weights, config), str(tmp), metadata={"svi": json.dumps(meta)})
         return output
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with atomic_dir(output) as tmp:
         if fmt == "peft":
             save_file(weights, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
             LoraConfig(**{k: v for k, v in config.items() if k in LoraConfig.__dataclass_fields__}).save_pretrained(
@@ -159,10 +156,6 @@ def _write(weights: dict[str, Tensor], config: dict, meta: dict, fmt: str, outpu
                 str(tmp), transformer_lora_layers=weights, transformer_lora_adapter_metadata=config
             )
         (tmp / SVI_META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        shutil.rmtree(output, ignore_errors=True)
-        tmp.rename(output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return output
 
 

@@ -1,6 +1,8 @@
 """Killed or out of disk mid-write: the previous checkpoint, adapter, sidecar or video stays intact."""
 
 import errno
+import os
+import stat
 
 import pytest
 import torch
@@ -8,7 +10,7 @@ from peft import LoraConfig
 
 import svi_infer.adapters as adapters
 from svi_infer.adapters import AdapterMeta, read_meta, save_adapter
-from svi_infer.atomic import atomic_path, write_json
+from svi_infer.atomic import atomic_dir, atomic_path, write_json
 from svi_infer.model import build_model
 from svi_infer.spec import get_spec
 from svi_train.run import AtomicCheckpointIO
@@ -28,6 +30,38 @@ def test_atomic_path_keeps_the_old_file(tmp_path):
         _disk_full()
     assert target.read_text().strip().replace(" ", "").replace("\n", "") == '{"v":1}'
     assert [p.name for p in tmp_path.iterdir()] == ["sidecar.json"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_atomic_writes_honour_the_umask(tmp_path, umask):
+    """Temporaries are private (0600 / 0700); what lands must have the mode of any file the user creates."""
+    old = os.umask(umask)
+    try:
+        write_json(tmp_path / "index.json", {"v": 1})
+        with atomic_dir(tmp_path / "adapter") as tmp:
+            (tmp / "weights").write_text("w")
+        (tmp_path / "plain.txt").write_text("p")
+        (tmp_path / "plain").mkdir()
+    finally:
+        os.umask(old)
+
+    def mode(name):
+        return stat.S_IMODE((tmp_path / name).stat().st_mode)
+
+    assert mode("index.json") == mode("plain.txt") == 0o666 & ~umask
+    assert mode("adapter") == mode("plain") == 0o777 & ~umask
+    assert mode("adapter/weights") == 0o666 & ~umask
+
+
+def test_atomic_dir_replaces_the_old_directory_only_on_success(tmp_path):
+    target = tmp_path / "adapter"
+    with atomic_dir(target) as tmp:
+        (tmp / "a").write_text("1")
+    with pytest.raises(OSError), atomic_dir(target) as tmp:
+        (tmp / "b").write_text("2")
+        _disk_full()
+    assert sorted(p.name for p in target.iterdir()) == ["a"]
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
 
 
 def test_checkpoint_write_failure_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
