@@ -7,7 +7,12 @@ export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export HF_HUB_OFFLINE := 1
 export DS_BUILD_OPS := 0
 
-.PHONY: setup demo test test-fast lint fmt bench clean
+.PHONY: setup demo test test-fast test-numerics lint fmt bench clean
+
+# Tests that compare floats (marker `numerics`) run once more on the kernels other x86 CPUs use: AVX2 (CPUs
+# without AVX-512) and the baseline path, with MKL and oneDNN held to the same instruction sets.
+KERNELS_AVX2 := ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
+KERNELS_BASELINE := ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 ONEDNN_MAX_CPU_ISA=SSE41
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,6 +27,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+	@$(MAKE) --no-print-directory test-numerics
+
+test-numerics: $(STAMP)
+	@if grep -qw avx2 /proc/cpuinfo 2>/dev/null; then \
+		echo "numerics tests on AVX2 kernels ($(KERNELS_AVX2))"; \
+		$(KERNELS_AVX2) $(BIN)/python -m pytest -q -m numerics; fi
+	@echo "numerics tests on baseline kernels ($(KERNELS_BASELINE))"
+	@$(KERNELS_BASELINE) $(BIN)/python -m pytest -q -m numerics
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not gpu"

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -48,6 +54,74 @@ def image_file(tmp_path, first_frame):
     path = tmp_path / "first.png"
     first_frame.save(path)
     return path
+
+
+def assert_same_outputs(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Outputs of two model instances (or loaders, layouts) holding the same weights: equal up to float rounding.
+
+    Bit equality does not hold: the tiny DiTs' outputs (values up to ~2.5) differ by up to 6e-7 between two
+    instances with equal weights, because MKL picks its kernels by the weights' memory alignment, and other CPUs
+    pick other kernels (measured under ATEN_CPU_CAPABILITY=avx512, avx2 and default). 1e-5 leaves ~16x room;
+    a missing or wrong weight moves the outputs by orders of magnitude more.
+    """
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+STALL_S = 300.0  # a run whose log has not grown for this long is stuck, however busy the machine is
+LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env() -> dict[str, str]:
+    """The environment for a multi-rank run: no launcher state from this process (or a cluster) leaks in."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in LAUNCH_ENV and not k.startswith(("SLURM_", "TORCHELASTIC_", "PL_", "GROUP_"))
+    }
+    env.update(MASTER_PORT=str(free_port()), DS_SKIP_SHM="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
+    env.update(OMP_NUM_THREADS="1")  # two ranks on a 2-core machine
+    return env
+
+
+def run_logged(
+    cmd: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None, stall_s: float = STALL_S
+) -> int | None:
+    """Run ``cmd`` (stdout and stderr into ``log``) until it exits; its exit code, or None if it stalled.
+
+    No wall-clock limit: a loaded machine slows a run down without stopping its output, so the run is given up
+    only when ``log`` has not grown for ``stall_s`` seconds (the training scripts print a line per step). The
+    whole process group is killed at the end, so no rank outlives the test: ranks ignore SIGTERM while blocked
+    in a collective, and rank 0 may exit first (the others get 10 s to finish on their own).
+    """
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            size, last_growth = -1, time.monotonic()
+            while (rc := proc.poll()) is None:
+                if log.stat().st_size != size:
+                    size, last_growth = log.stat().st_size, time.monotonic()
+                elif time.monotonic() - last_growth > stall_s:
+                    break
+                time.sleep(0.5)
+            with contextlib.suppress(ProcessLookupError):
+                for _ in range(50):
+                    os.killpg(proc.pid, 0)
+                    time.sleep(0.2)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return rc
+
+
+def log_tail(log: Path, lines: int = 40) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 
 
 def compose_infer(overrides: list[str]):

@@ -98,6 +98,7 @@ class Report(L.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         self.losses[trainer.global_step] = float(outputs["loss"])
+        print(f"rank {trainer.global_rank} step {trainer.global_step}", flush=True)  # the test's sign of progress
         if self.per_step:  # after the module's own hook (it puts back a held optimizer first)
             lora = lora_state_dict(trainer.strategy, module.transformer, module.ADAPTER)  # a collective
             self.steps[trainer.global_step] = {

@@ -8,14 +8,8 @@ the exported adapter holds exactly the trained weights and loads in svi_infer.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -27,30 +21,10 @@ from safetensors.torch import load_file
 from svi_infer.adapters import load_adapter
 from svi_infer.model import build_model
 from svi_infer.spec import get_spec
-from tests.conftest import TINY21
+from tests.conftest import TINY21, clean_env, log_tail, run_logged
 
 SCRIPT = Path(__file__).with_name("distributed_train.py")
 WORLD, STEPS = 2, 3
-TIMEOUT_S = 240
-LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def clean_env() -> dict[str, str]:
-    """No launcher state from this process (or a cluster) may leak into the ranks."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in LAUNCH_ENV and not k.startswith(("SLURM_", "TORCHELASTIC_", "PL_", "GROUP_"))
-    }
-    env.update(MASTER_PORT=str(free_port()), DS_SKIP_SHM="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
-    env.update(OMP_NUM_THREADS="1")  # two ranks on a 2-core machine
-    return env
 
 
 def train(
@@ -62,23 +36,8 @@ def train(
     cmd = [sys.executable, str(SCRIPT), strategy, str(shards), str(out), f"--devices={WORLD}", f"--steps={steps}"]
     cmd += ["--offload"] if offload else []
     cmd += list(extra)
-    with log.open("wb") as sink:
-        proc = subprocess.Popen(
-            cmd, env=clean_env(), cwd=SCRIPT.parents[1], stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
-            rc = proc.wait(timeout=TIMEOUT_S)
-            for _ in range(50):  # rank 0 can exit first: give the other ranks 10 s to finish on their own
-                os.killpg(proc.pid, 0)
-                time.sleep(0.2)
-        except (subprocess.TimeoutExpired, ProcessLookupError) as err:
-            rc = None if isinstance(err, subprocess.TimeoutExpired) else proc.returncode
-        finally:
-            with contextlib.suppress(ProcessLookupError):  # the ranks ignore SIGTERM while blocked in a collective
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
-    assert rc == rc_wanted, f"{strategy}: {'timed out' if rc is None else f'exit code {rc}'}\n{tail}"
+    rc = run_logged(cmd, log, env=clean_env(), cwd=SCRIPT.parents[1])
+    assert rc == rc_wanted, f"{strategy}: {'stalled' if rc is None else f'exit code {rc}'}\n{log_tail(log)}"
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)] if rc == 0 else []
 
 

@@ -23,7 +23,9 @@ from svi_infer.talk import (
     set_audio,
 )
 from svi_infer.tiny import tiny_transformer
-from tests.conftest import TINY21, dit_inputs
+from tests.conftest import TINY21, assert_same_outputs, dit_inputs
+
+pytestmark = pytest.mark.numerics  # compared across instances and loaders: rerun on AVX2 kernels
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
 NUM_FRAMES = 9  # video frames of dit_inputs' 3 latent frames
@@ -318,12 +320,12 @@ def test_multitalk_weights_round_trip(tmp_path):
         set_audio(transformer, _windows())
     assert not torch.equal(_forward(target), _forward(source))
     load_multitalk(target, path)  # the base DiT key in the file is ignored
-    assert torch.equal(_forward(target), _forward(source))
+    assert_same_outputs(_forward(target), _forward(source))
     assert torch.equal(target.blocks[0].attn1.to_q.weight, source.blocks[0].attn1.to_q.weight)
     again = _talk_transformer(seed=6)
     load_multitalk(again, multitalk_state_dict(source))
     set_audio(again, _windows())
-    assert torch.equal(_forward(again), _forward(source))
+    assert_same_outputs(_forward(again), _forward(source))
 
 
 def test_weights_loaded_after_set_audio_are_used():
@@ -331,7 +333,7 @@ def test_weights_loaded_after_set_audio_are_used():
     for transformer in (source, target):
         set_audio(transformer, _windows())
     load_multitalk(target, multitalk_state_dict(source))  # after set_audio: the tokens follow the new weights
-    assert torch.equal(_forward(target), _forward(source))
+    assert_same_outputs(_forward(target), _forward(source))
 
 
 @pytest.mark.parametrize(

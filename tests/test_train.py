@@ -1,4 +1,4 @@
-"""svi_train on the tiny model: configs, a golden loss test, a smoke fit, resume state, export round trips."""
+"""svi_train on the tiny model: configs, a smoke fit, resume state, export round trips."""
 
 import json
 from pathlib import Path
@@ -13,7 +13,7 @@ from svi_infer.model import build_model
 from svi_infer.spec import get_spec
 from svi_train.config import register
 from svi_train.export import FORMATS, export
-from tests.conftest import TINY21, dit_inputs
+from tests.conftest import TINY21, assert_same_outputs, dit_inputs
 
 register()
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -48,49 +48,6 @@ def test_typos_and_wrong_types_fail_at_compose_time():
         compose_train(["lora.rank=many"])
     with pytest.raises(ConfigCompositionException):
         compose_train(["trainer.max_step=3"])
-
-
-def test_golden_losses(shards, tmp_path):
-    """Seeded tiny model, 5 steps: the losses are pinned, so any change to the recycling math shows."""
-    import lightning as L
-
-    from svi_train.run import run
-
-    losses = []
-
-    class Record(L.Callback):
-        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            losses.append(round(float(outputs["loss"]), 6))
-
-    import svi_train.run as run_module
-
-    original = run_module.L.Trainer
-
-    def trainer_with_recorder(*args, **kwargs):
-        kwargs["callbacks"] = [*kwargs["callbacks"], Record()]
-        return original(*args, **kwargs)
-
-    run_module.L.Trainer = trainer_with_recorder
-    try:
-        run(
-            compose_train(
-                [
-                    "+experiment=tiny",
-                    f"data.path={shards}",
-                    f"output_dir={tmp_path}",
-                    "trainer.max_steps=5",
-                    "data.shuffle_buffer=0",
-                    "recycling.warmup_iters=2",
-                    "recycling.p_noise=0.5",
-                ]
-            )
-        )
-    finally:
-        run_module.L.Trainer = original
-    assert losses == pytest.approx(GOLDEN, abs=1e-5), losses
-
-
-GOLDEN = [0.092094, 1.211789, 3.224384, 0.069326, 0.311302]
 
 
 def test_smoke_fit_exports_an_adapter_that_svi_infer_loads(shards, tmp_path):
@@ -152,6 +109,7 @@ def test_recycling_off_is_the_plain_lora_baseline(shards, tmp_path):
     assert (adapter / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("source", ["adapter", "checkpoint"])
 def test_export_round_trips(shards, tmp_path, fmt, source):
@@ -163,4 +121,4 @@ def test_export_round_trips(shards, tmp_path, fmt, source):
     model = build_model(get_spec(TINY21))
     load_adapter(model, out)
     inputs = dit_inputs()
-    assert torch.allclose(model.transformers[0](**inputs)[0], reference.transformers[0](**inputs)[0], atol=1e-6)
+    assert_same_outputs(model.transformers[0](**inputs)[0], reference.transformers[0](**inputs)[0])
