@@ -1,4 +1,8 @@
-"""``python -m data_tools <command> key=value ...`` (Hydra over ``conf/data.yaml``)."""
+"""``python -m data_tools <command> key=value ...`` (Hydra over ``conf/data.yaml``).
+
+Only Hydra and the torch-free schema load before the config is composed: ``--help``, ``--cfg job`` and config
+errors answer at once; torch and the model load only once a command needs them.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +11,20 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from data_tools.app import COMMANDS, DataRunError, run
-from svi_infer.app import USER_ERRORS
+from data_tools.config import COMMANDS  # (importing it registers the schema conf/data.yaml extends)
+from svi_infer.errors import USER_ERRORS, exit_with
 
 
 @hydra.main(version_base="1.3", config_path="pkg://conf", config_name="data")
 def main(cfg: DictConfig) -> None:
+    from data_tools.app import DataRunError, run
+
     try:
         run(cfg)
-    except (*USER_ERRORS, DataRunError) as err:
-        print(f"data_tools: error: {err}", file=sys.stderr)
-        sys.exit(1 if isinstance(err, DataRunError) else 2)
+    except DataRunError as err:  # the run finished, but its result needs the user's attention
+        exit_with("data_tools", err, 1)
+    except USER_ERRORS as err:
+        exit_with("data_tools", err, 2)
 
 
 def entry() -> None:

@@ -1,43 +1,79 @@
-"""The ``python -m data_tools`` commands over a composed ``conf/data.yaml``."""
+"""The ``python -m data_tools`` commands over a composed ``conf/data.yaml``.
+
+The cheap checks come first (the command, the folders and files it needs, the model's spec), and torch, diffusers,
+decord and webdataset are imported only after them, inside the functions that need them: a mistake is answered
+at once, not after seconds of start-up.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image
 
-from data_tools.augment import AugmentSettings
-from data_tools.encode import configure_vae
+from data_tools.config import COMMANDS, AugmentSettings
+from data_tools.layout import output_paths
 from data_tools.report import Report
-from data_tools.stages import (
-    DataSettings,
-    collect_skips,
-    contact_sheet,
-    load_manifest,
-    read_shard,
-    run_encode,
-    run_pack,
-    run_scan,
-    run_verify,
-    shard_urls,
-)
-from data_tools.windows import resolve_buckets
-from svi_infer.audio import AudioEncoder
-from svi_infer.conditioning import HANDOFFS, check_frames_per_clip
-from svi_infer.model import build_model, resolve_device
+from svi_infer.atomic import atomic_path
 from svi_infer.spec import ModelSpec, get_spec
 
-COMMANDS = ("prepare", "scan", "encode", "pack", "verify", "inspect")
+if TYPE_CHECKING:
+    from data_tools.stages import DataSettings
+    from svi_infer.audio import AudioEncoder
+    from svi_infer.model import WanModel
 
 
 class DataRunError(RuntimeError):
-    """The run finished but its result is not usable (nothing landed, or too much was skipped)."""
+    """The run finished but its result needs the user: nothing landed, too much was skipped, or shards are damaged."""
+
+
+def check_paths(cfg: DictConfig) -> tuple[Path | None, Path]:
+    """The input folder (``prepare`` / ``scan``) and the output folder, checked before anything heavy loads; each
+    mistake names the path and what to give instead."""
+    if cfg.command not in COMMANDS:
+        raise ValueError(f"unknown command {cfg.command!r}: give one of {', '.join(COMMANDS)}")
+    needs_input = cfg.command in ("prepare", "scan")
+    if OmegaConf.is_missing(cfg, "output") or (needs_input and OmegaConf.is_missing(cfg, "input")):
+        raise ValueError("give input=<folder of videos> and output=<dataset folder>")
+    output = Path(cfg.output).expanduser()
+    root = Path(cfg.input).expanduser() if needs_input else None
+    if root is not None and not root.is_dir():
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        raise FileNotFoundError(f"input folder {root} {what}: give input=<the folder that holds your videos>")
+    if cfg.command in ("prepare", "scan", "encode", "pack"):
+        _check_writable(output)
+    paths = output_paths(output)
+    if cfg.command in ("encode", "pack") and not paths["manifest"].is_file():
+        raise FileNotFoundError(
+            f"{paths['manifest']} does not exist: run `python -m data_tools scan input=<videos> output={output}` "
+            "(or prepare) first"
+        )
+    if cfg.command in ("verify", "inspect") and not paths["index"].is_file():
+        raise FileNotFoundError(
+            f"{paths['index']} does not exist: give the output= folder of a prepare run, or run "
+            f"`python -m data_tools pack output={output}` first"
+        )
+    return root, output
+
+
+def _check_writable(output: Path) -> None:
+    existing = next(p for p in (output, *output.parents) if p.exists())
+    if not existing.is_dir():
+        raise NotADirectoryError(f"output {output} cannot be a folder: {existing} is a file; give another output=")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write to {existing}: give output=<a folder you can write to>")
 
 
 def settings_from(cfg: DictConfig, spec: ModelSpec) -> DataSettings:
     """Checked settings; defaults that depend on the model come from its spec."""
+    from data_tools.stages import DataSettings
+    from data_tools.windows import resolve_buckets
+    from svi_infer.conditioning import HANDOFFS, check_frames_per_clip
+
     frames = int(cfg.frames_per_clip or spec.frames_per_clip)  # null: the model's (81; 121 for TI2V-5B)
     check_frames_per_clip(frames, spec.vae_temporal)
     buckets = resolve_buckets(cfg.buckets, spec.spatial_multiple, (spec.height, spec.width))
@@ -84,7 +120,10 @@ def settings_from(cfg: DictConfig, spec: ModelSpec) -> DataSettings:
     )
 
 
-def _model(cfg: DictConfig, spec: ModelSpec, settings: DataSettings | None = None):
+def _model(cfg: DictConfig, spec: ModelSpec, settings: DataSettings | None = None) -> WanModel:
+    from data_tools.encode import configure_vae
+    from svi_infer.model import build_model, resolve_device
+
     device, dtype = resolve_device(cfg.model.device, cfg.model.dtype)
     model = build_model(spec, cfg.model.path, device, dtype)
     if settings is not None:
@@ -95,6 +134,8 @@ def _model(cfg: DictConfig, spec: ModelSpec, settings: DataSettings | None = Non
 def _audio_encoder(cfg: DictConfig, spec: ModelSpec, device) -> AudioEncoder | None:
     if not cfg.audio:
         return None
+    from svi_infer.audio import AudioEncoder
+
     if cfg.audio_encoder:
         return AudioEncoder.from_pretrained(cfg.audio_encoder, device)
     if spec.tiny:
@@ -102,73 +143,114 @@ def _audio_encoder(cfg: DictConfig, spec: ModelSpec, device) -> AudioEncoder | N
     raise ValueError("audio=true needs audio_encoder=<folder of a wav2vec2 model, e.g. chinese-wav2vec2-base>")
 
 
+def accepting_ratio(skipped: int, landed: int) -> float:
+    """The smallest ``max_skip_ratio`` with two decimals that accepts these skips."""
+    return min(1.0, math.floor(skipped / max(1, skipped + landed) * 100 + 1) / 100)
+
+
 def _finish(report: Report, output: Path, landed: int, max_skip_ratio: float) -> None:
     report.count("samples", landed)
-    report.write(output / "report.json")
-    print(f"data_tools: {report.summary()}; report: {output / 'report.json'}")
-    ratio = len(report.skipped) / max(1, len(report.skipped) + landed)
+    path = output_paths(output)["report"]
+    report.write(path)
+    print(f"data_tools: {report.summary()}; report: {path}")
+    skipped = len(report.skipped)
+    ratio = skipped / max(1, skipped + landed)
     if landed == 0:
-        raise DataRunError(f"no usable sample: see {output / 'report.json'} for what was skipped and why")
+        raise DataRunError(f"no usable sample: all {skipped} inputs were skipped; {path} says why each one was")
     if ratio > max_skip_ratio:
-        raise DataRunError(f"{ratio:.0%} of the inputs were skipped (max_skip_ratio={max_skip_ratio}); see the report")
+        raise DataRunError(
+            f"{skipped} of {skipped + landed} inputs were skipped ({ratio:.0%}, more than max_skip_ratio="
+            f"{max_skip_ratio}), but the {landed} samples in {output_paths(output)['shards']} (index.json) are "
+            f"complete and usable; why each input was skipped: {path}; to accept the skips, rerun the same command "
+            f"with max_skip_ratio={accepting_ratio(skipped, landed):.2f} (nothing is encoded again)"
+        )
+
+
+def _damaged(output: Path, problems: list[str]) -> DataRunError:
+    from data_tools.stages import rebuild_hint
+
+    if len(problems) == 1:
+        return DataRunError(f"{problems[0]}: {rebuild_hint(output)}")
+    head = f"{len(problems)} problems in the shards: {rebuild_hint(output)}"
+    return DataRunError("\n  ".join([head, *problems[:20]]))
 
 
 def run(cfg: DictConfig) -> None:
     """Run ``cfg.command``."""
-    if cfg.command not in COMMANDS:
-        raise ValueError(f"unknown command {cfg.command!r}; commands: {', '.join(COMMANDS)}")
-    if OmegaConf.is_missing(cfg, "output") or (
-        cfg.command in ("prepare", "scan") and OmegaConf.is_missing(cfg, "input")
-    ):
-        raise ValueError("give input=<folder of videos> and output=<dataset folder>")
+    root, output = check_paths(cfg)
     spec = get_spec(cfg.model.spec)
-    output = Path(cfg.output).expanduser()
-    if cfg.command == "verify":
-        count, problems = run_verify(output)
-        print(f"data_tools: verified {count} samples in {len(shard_urls(output))} shards; {len(problems)} problems")
-        if problems:
-            raise DataRunError("\n  ".join(["shards do not match the schema or the index:", *problems[:20]]))
-        return
     if cfg.command == "inspect":
-        inspect(cfg, spec, output)
+        inspect(cfg, output)
+        return
+    from data_tools import stages  # the heavy part starts here
+
+    if cfg.command == "verify":
+        count, problems = stages.run_verify(output)
+        shards = len(stages.shard_urls(output))
+        print(f"data_tools: verified {count} samples in {shards} shards; {len(problems)} problems")
+        if problems:
+            raise _damaged(output, problems)
         return
     settings = settings_from(cfg, spec)
     report = Report()
-    if cfg.command in ("prepare", "scan"):
-        manifest = run_scan(Path(cfg.input).expanduser(), output, settings, report)
+    if root is not None:
+        stages.run_scan(root, output, settings, report)
         print(f"data_tools: scanned {report.summary()}")
         if cfg.command == "scan":
-            report.write(output / "report.json")
+            report.write(output_paths(output)["report"])
             return
-    manifest = load_manifest(output, settings)
-    if cfg.command in ("prepare", "encode"):
+    manifest = stages.load_manifest(output, settings)
+    if cfg.command in ("prepare", "encode") and stages.count_pending(manifest, output):  # else no model is needed
         model = _model(cfg, spec, settings)
-        run_encode(manifest, output, settings, model, report, _audio_encoder(cfg, spec, model.device), cfg.progress)
-    index = run_pack(manifest, output, settings, spec.id, cfg.shard_max_bytes) if cfg.command != "encode" else None
+        audio_encoder = _audio_encoder(cfg, spec, model.device)
+        stages.run_encode(manifest, output, settings, model, report, audio_encoder, cfg.progress)
+    index = None
+    if cfg.command != "encode":
+        index = stages.run_pack(manifest, output, settings, spec.id, cfg.shard_max_bytes)
     if cfg.command == "prepare":
-        count, problems = run_verify(output)
+        count, problems = stages.run_verify(output)
         if problems:
-            raise DataRunError("\n  ".join(["the new shards do not verify:", *problems[:20]]))
-    collect_skips(output, report)
+            raise _damaged(output, problems)
+    stages.collect_skips(output, report)
     if index is not None:
         print(f"data_tools: {index['samples']} samples in {len(index['shards'])} shards under {output / 'shards'}")
         _finish(report, output, index["samples"], cfg.max_skip_ratio)
 
 
-def inspect(cfg: DictConfig, spec: ModelSpec, output: Path) -> Path:
-    """Print a shard's samples (key, caption, tensor shapes) and write a contact sheet of first frames."""
-    urls = shard_urls(output)
-    shard = str(cfg.shard)
-    url = urls[int(shard)] if shard.isdigit() else str(output / "shards" / shard)
-    samples = read_shard(url)
-    for s in samples:
+def inspect(cfg: DictConfig, output: Path) -> Path | None:
+    """Print a shard's samples (key, caption, tensor shapes) and write a contact sheet of up to 16 of them: the
+    source frame beside the decoded first frame, labelled. Samples before a damaged spot are still shown; the
+    damage is then reported. Returns the sheet's path (None when no sample could be read)."""
+    from data_tools.stages import ShardReader, shard_urls
+
+    urls, shard = shard_urls(output), str(cfg.shard)
+    if shard.isdigit() and int(shard) >= len(urls):
+        listed = f"{output / 'index.json'} lists {len(urls)} shards"
+        raise ValueError(f"shard={shard} is out of range: {listed}; give shard=0..{len(urls) - 1} or a file name")
+    url = urls[int(shard)] if shard.isdigit() else str(output_paths(output)["shards"] / shard)
+    if not Path(url).is_file():
+        where = output_paths(output)["shards"]
+        raise FileNotFoundError(f"shard {url} does not exist: give shard=<index in index.json or a file in {where}>")
+    reader = ShardReader(url)
+    shown = []
+    for s in reader:
         shapes = ", ".join(f"{k} {list(v.shape)} {str(v.dtype).removeprefix('torch.')}" for k, v in s.tensors.items())
         print(f"{s.key}: {json.dumps(s.meta['caption'])}\n    {shapes}")
-    if not samples:
-        print(f"{url}: no samples")
-        return Path(url)
-    sheet = contact_sheet(_model(cfg, get_spec(samples[0].meta["spec"])), [s.tensors["latents"] for s in samples])
-    path = output / f"inspect_{Path(url).stem}.png"
-    Image.fromarray(sheet).save(path)
-    print(f"contact sheet: {path}")
+        if len(shown) < 16:
+            shown.append(s)
+    path = None
+    if shown:
+        from data_tools.contact_sheet import contact_sheet
+
+        manifest = output_paths(output)["manifest"]
+        root = Path(json.loads(manifest.read_text(encoding="utf-8"))["root"]) if manifest.is_file() else None
+        sheet = contact_sheet(_model(cfg, get_spec(shown[0].meta["spec"])), shown, root)
+        path = output / f"inspect_{Path(url).stem}.png"
+        with atomic_path(path) as tmp:
+            sheet.save(tmp, format="PNG")
+        print(f"contact sheet: {path}")
+    else:
+        print(f"{url}: no readable samples")
+    if reader.problems:
+        raise _damaged(output, reader.problems)
     return path

@@ -16,54 +16,15 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from data_tools.config import AugmentSettings
+
 _LUMA = (0.299, 0.587, 0.114)
-
-
-@dataclass(frozen=True)
-class AugmentSettings:
-    """The ``augment:`` node of ``conf/data.yaml``. Each knob is its maximum at ``strength: 1``; the effective
-    maximum is ``knob * strength`` (the downscale factor: ``1 + (downscale - 1) * strength``); each sample draws
-    its value uniformly up to that maximum (symmetrically around no change for the colour knobs)."""
-
-    strength: float = 0.0  # 0 = off
-    p: float = 1.0  # share of samples augmented when strength > 0
-    blur_sigma: float = 2.0  # Gaussian blur sigma, pixels
-    downscale: float = 4.0  # down-then-up-scale factor (1 = none)
-    brightness: float = 0.2  # brightness shift, share of the value range
-    contrast: float = 0.3  # contrast factor 1 +- this
-    saturation: float = 0.3  # saturation factor 1 +- this
-    noise: float = 0.05  # std of additive Gaussian noise, in [-1, 1] units
-
-    @property
-    def enabled(self) -> bool:
-        return self.strength > 0 and self.p > 0
-
-    def check(self) -> None:
-        problems = [f"{f.name}={getattr(self, f.name)} must be >= 0" for f in fields(self) if getattr(self, f.name) < 0]
-        if not 0 <= self.p <= 1:
-            problems.append(f"p={self.p} must be in [0, 1]")
-        if self.downscale < 1:
-            problems.append(f"downscale={self.downscale} must be >= 1 (1 = no rescaling)")
-        if problems:
-            raise ValueError("augment: " + "; ".join(problems))
-
-    @classmethod
-    def from_dict(cls, node: dict | None) -> AugmentSettings:
-        """Settings from a config node (``None``: off); an unknown key fails with the known ones."""
-        node = dict(node or {})
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(node) - set(known))
-        if unknown:
-            raise ValueError(f"augment: unknown keys {unknown}; known keys: {', '.join(known)}")
-        settings = cls(**{k: float(v) for k, v in node.items()})
-        settings.check()
-        return settings
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from svi_infer.video_io import write_mp4
-
 DETECT_SCORE = 0.1  # candidates kept for NMS
 NMS_IOU = 0.45
 PERSON_SCORE = 0.3
@@ -74,13 +72,13 @@ class DWPoseError(ValueError):
 
 
 def _session(path: str | Path, providers: Sequence[str] | None):
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"DWPose model {path} does not exist: give the path of your ONNX file")
     try:
         import onnxruntime as ort
     except ImportError:
         raise ImportError("DWPose extraction needs onnxruntime: pip install onnxruntime") from None
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"DWPose model {path} does not exist")
     try:
         return ort.InferenceSession(str(path), providers=list(providers or ["CPUExecutionProvider"]))
     except Exception as err:  # onnxruntime raises its own exception types for invalid files
@@ -285,6 +283,8 @@ def extract_pose_video(video: str | Path, output: str | Path, dwpose: DWPose) ->
     """Render every frame's pose into ``output`` (mp4, same size and fps), streaming, atomically."""
     import imageio_ffmpeg
 
+    from svi_infer.video_io import write_mp4  # here: it loads torch, which --help and argument errors do not need
+
     video, output = Path(video).expanduser(), Path(output).expanduser()
     if not video.is_file():
         raise FileNotFoundError(f"video {video} does not exist")
@@ -314,6 +314,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--providers", nargs="*", help="onnxruntime execution providers (default: CPU)")
     args = parser.parse_args(argv)
     try:
+        for path in (*args.videos, args.detector, args.pose):  # before any model loads
+            if not path.expanduser().is_file():
+                raise FileNotFoundError(f"{path} does not exist: check the path")
         dwpose = DWPose(args.detector, args.pose, args.providers)
         for video in args.videos:
             out = (args.output_dir or video.parent) / f"{video.stem}.pose.mp4"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,14 +29,28 @@ class VideoEntry:
         return asdict(self)
 
 
-def _sidecar_caption(video: Path) -> tuple[str, str] | None:
+def _read_utf8(path: Path, root: Path) -> str:
+    """The file's text, as written (no newline translation); one that is not UTF-8 raises ValueError naming it."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        where = f"{err.reason} at byte {err.start}"
+        raise ValueError(f"{path.relative_to(root)} is not UTF-8 text ({where}): save it as UTF-8") from None
+
+
+def _sidecar_caption(video: Path, root: Path) -> tuple[str, str] | None:
+    """The caption in ``<video>.txt`` or ``<video>.json``; one that cannot be read raises ValueError naming it."""
     txt, js = video.with_suffix(".txt"), video.with_suffix(".json")
     if txt.is_file():
-        text = txt.read_text(encoding="utf-8").strip()
+        text = _read_utf8(txt, root).strip()
         if text:
             return text, "txt"
     if js.is_file():
-        data = json.loads(js.read_text(encoding="utf-8"))
+        try:
+            data = json.loads(_read_utf8(js, root))
+        except json.JSONDecodeError as err:
+            where = f"{err.msg} at line {err.lineno}, column {err.colno}"
+            raise ValueError(f"{js.relative_to(root)} is not valid JSON ({where}): fix or delete it") from None
         text = (data.get("caption") or data.get("text") or "").strip() if isinstance(data, dict) else ""
         if text:
             return text, "json"
@@ -43,25 +58,34 @@ def _sidecar_caption(video: Path) -> tuple[str, str] | None:
 
 
 def _table_captions(root: Path, report: Report) -> dict[str, tuple[str, str]]:
-    """Captions by file name from SVI-layout CSVs (Filename, Video Description) and JSONL files."""
+    """Captions by file name from SVI-layout CSVs (Filename, Video Description) and JSONL files; a table that is
+    not UTF-8 is skipped as a ``bad_caption_file``."""
     found: dict[str, tuple[str, str]] = {}
-    for path in sorted(root.rglob("*.csv")):
-        with path.open(newline="", encoding="utf-8") as handle:
-            rows = csv.DictReader(handle)
+    texts: dict[Path, str] = {}
+    for path in [*sorted(root.rglob("*.csv")), *sorted(root.rglob("*.jsonl"))]:
+        try:
+            texts[path] = _read_utf8(path, root)
+        except ValueError as err:
+            report.skip(str(path.relative_to(root)), "bad_caption_file", str(err))
+    for path, text in texts.items():
+        if path.suffix == ".csv":
+            rows = csv.DictReader(io.StringIO(text, newline=""))
             if not {"Filename", "Video Description"} <= set(rows.fieldnames or ()):
                 continue
             for row in rows:
-                if row["Filename"] and row["Video Description"].strip():
-                    found.setdefault(Path(row["Filename"]).name, (row["Video Description"].strip(), "csv"))
-    for path in sorted(root.rglob("*.jsonl")):
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                caption = (row["Video Description"] or "").strip()  # None: a short row
+                if row["Filename"] and caption:
+                    found.setdefault(Path(row["Filename"]).name, (caption, "csv"))
+            continue
+        for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
                 found.setdefault(Path(row["video"]).name, (str(row["caption"]).strip(), "jsonl"))
             except (json.JSONDecodeError, KeyError, TypeError):
-                report.skip(f"{path.name}:{n}", "bad_caption_line", "not a JSON object with video and caption")
+                where = f"{path.relative_to(root)}:{n}"
+                report.skip(where, "bad_caption_line", f"{where} is not a JSON object with video and caption")
     return found
 
 
@@ -90,18 +114,18 @@ def scan(
             continue
         rel = str(video.relative_to(root))
         try:
-            caption = _sidecar_caption(video) or tables.get(video.name)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            caption = _sidecar_caption(video, root) or tables.get(video.name)
+        except ValueError as err:
             report.skip(rel, "bad_caption_file", str(err))
             continue
         if caption is None and fallback_caption:
             caption = (fallback_caption, "fallback")
         if caption is None:
-            report.skip(rel, "no_caption", "no sidecar, CSV or JSONL caption and no fallback_caption")
+            report.skip(rel, "no_caption", f"{rel}: no sidecar, CSV or JSONL caption and no fallback_caption")
             continue
         pose_file = video.with_name(video.name[: -len(video.suffix)] + POSE_SUFFIX)
         if pose and not pose_file.is_file():
-            report.skip(rel, "no_pose", f"expected {pose_file.name} next to the video")
+            report.skip(rel, "no_pose", f"{rel} has no pose video: expected {pose_file.relative_to(root)} next to it")
             continue
         entries.append(
             VideoEntry(

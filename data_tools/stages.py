@@ -1,14 +1,5 @@
-"""The stages of a data run: scan -> encode -> pack -> verify (and inspect), each resumable on its own.
-
-Layout of an output folder::
-
-    work/manifest.json          videos, captions and planned windows (scan)
-    work/samples/<key>.tar      one encoded sample (encode; a rerun skips those present)
-    work/samples/<key>.skip.json  why a window was skipped (kept, so reruns do not retry it)
-    shards/shard-000000.tar     webdataset shards (pack; rebuilt whole, byte-identical for the same samples)
-    index.json                  samples per shard, spec, resolutions, schema version
-    report.json                 what was skipped and why, with counts
-"""
+"""The stages of a data run: scan -> encode -> pack -> verify, each resumable on its own (the files it keeps are
+described in :mod:`data_tools.layout`)."""
 
 from __future__ import annotations
 
@@ -18,25 +9,27 @@ import random
 import re
 import shutil
 import tarfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import decord
 import imageio_ffmpeg
-import numpy as np
 import webdataset as wds
 from tqdm.auto import tqdm
 
-from data_tools.augment import AugmentSettings, draw_params
+from data_tools.augment import draw_params
+from data_tools.config import AugmentSettings
+from data_tools.decoder import decoding
 from data_tools.encode import EncodeSettings, choose_anchor, encode_window
+from data_tools.layout import output_paths
 from data_tools.report import Report
 from data_tools.scan import scan
 from data_tools.windows import choose_bucket, crop_box, crop_resize, plan_windows, read_frames
 from svi_infer.atomic import atomic_path, write_json
 from svi_infer.audio import AudioEncoder, AudioError, read_audio
 from svi_infer.model import WanModel
-from svi_infer.schema import SCHEMA_VERSION, SchemaError, from_members, to_members
-from svi_infer.video_io import tensor_to_frames
+from svi_infer.schema import SCHEMA_VERSION, Sample, SchemaError, from_members, to_members
 
 MANIFEST_VERSION = 1
 # DataSettings fields newer than the first manifests (an older manifest lacks them and means their defaults)
@@ -79,16 +72,6 @@ class DataSettings:
         )
 
 
-def _paths(output: Path) -> dict[str, Path]:
-    return {
-        "manifest": output / "work" / "manifest.json",
-        "samples": output / "work" / "samples",
-        "shards": output / "shards",
-        "index": output / "index.json",
-        "report": output / "report.json",
-    }
-
-
 def _key_stem(source: str) -> str:
     stem = re.sub(r"[^A-Za-z0-9_-]", "_", str(Path(source).with_suffix("")))[-48:]
     return f"{stem}-{hashlib.sha1(source.encode()).hexdigest()[:8]}"
@@ -99,26 +82,43 @@ def _rng(settings: DataSettings, key: str) -> random.Random:
 
 
 # -- scan ------------------------------------------------------------------------------------------
+def _audio_file(root: Path, audio: str, source: str) -> Path:
+    """The file a video's audio comes from: ``audio`` (a file next to it) or, for ``"track"``, the video itself."""
+    return root / source if audio == "track" else Path(audio)
+
+
+def _probe(path: Path) -> tuple[int, float, int, int, str]:
+    """Frame count, fps, height and width as decord sees them, and what the decoder said meanwhile (a file it
+    cannot open raises :class:`ValueError` in the decoder's own words)."""
+    with decoding(path.name) as log:
+        reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
+        num, src_fps = len(reader), float(reader.get_avg_fps())
+        height, width = reader[0].shape[:2]
+    return num, src_fps, height, width, log.message()
+
+
 def run_scan(root: Path, output: Path, settings: DataSettings, report: Report) -> dict:
-    """Find videos and captions, probe each video, plan its windows; write ``work/manifest.json``."""
+    """Find videos and captions, probe each video (and its audio for Talk), plan its windows; write
+    ``work/manifest.json``. Each unusable file is skipped once, with a reason that names it."""
     entries = scan(root, report, settings.fallback_caption, settings.audio, settings.pose)
     videos = []
     for entry in entries:
         path = root / entry.source
         if path.stat().st_size == 0:
-            report.skip(entry.source, "empty_file", "zero bytes")
+            report.skip(entry.source, "empty_file", f"{entry.source} is empty (zero bytes)")
             continue
         try:
-            reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
-            num, src_fps = len(reader), float(reader.get_avg_fps())
-            height, width = reader[0].shape[:2]
-        except Exception as err:  # decord raises its own error types for broken files
-            report.skip(entry.source, "unreadable", str(err).splitlines()[0][:200])
+            num, src_fps, height, width, decoder_said = _probe(path)
+        except ValueError as err:
+            report.skip(entry.source, "unreadable", str(err))
             continue
         declared = declared_seconds(path)
         if declared and num < 0.9 * declared * src_fps - 1:  # the index lists fewer frames than the header promises
+            said = f" (decoder: {decoder_said})" if decoder_said else ""
             report.skip(
-                entry.source, "truncated", f"{num} decodable frames of the {declared:.2f} s the header declares"
+                entry.source,
+                "truncated",
+                f"{entry.source}: {num} decodable frames of the {declared:.2f} s the header declares{said}",
             )
             continue
         windows = plan_windows(
@@ -126,12 +126,15 @@ def run_scan(root: Path, output: Path, settings: DataSettings, report: Report) -
         )
         if not windows:
             seconds = num / src_fps if src_fps else 0.0
-            report.skip(
-                entry.source,
-                "too_short",
-                f"{seconds:.2f} s; a window is {settings.frames_per_clip} frames at {settings.fps} fps",
-            )
+            window = f"{settings.frames_per_clip} frames at {settings.fps} fps"
+            report.skip(entry.source, "too_short", f"{entry.source} is {seconds:.2f} s; a window is {window}")
             continue
+        if entry.audio:
+            try:
+                read_audio(_audio_file(root, entry.audio, entry.source))
+            except AudioError as err:
+                report.skip(entry.source, "no_audio", str(err))
+                continue
         stem = _key_stem(entry.source)
         keys = [f"{stem}-w{w.index:04d}" for w in windows]
         h, w = choose_bucket(width, height, list(settings.buckets))
@@ -159,7 +162,7 @@ def run_scan(root: Path, output: Path, settings: DataSettings, report: Report) -
     report.count("videos_scanned", len(entries))
     report.count("windows_planned", sum(len(v["windows"]) for v in videos))
     manifest = {"version": MANIFEST_VERSION, "root": str(root), "settings": asdict(settings), "videos": videos}
-    write_json(_paths(output)["manifest"], manifest)
+    write_json(output_paths(output)["manifest"], manifest)
     return manifest
 
 
@@ -175,7 +178,7 @@ def declared_seconds(path: Path) -> float | None:
 
 
 def load_manifest(output: Path, settings: DataSettings) -> dict:
-    path = _paths(output)["manifest"]
+    path = output_paths(output)["manifest"]
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: run the scan stage (or prepare) first")
     manifest = json.loads(path.read_text(encoding="utf-8"))
@@ -184,8 +187,14 @@ def load_manifest(output: Path, settings: DataSettings) -> dict:
     defaults = json.loads(json.dumps(asdict(DataSettings())))
     stored = {k: v for k, v in defaults.items() if k in _ADDED_SETTINGS} | manifest["settings"]
     if stored != wanted:
+        changed = "; ".join(
+            f"{k}={json.dumps(stored.get(k))} there, {json.dumps(wanted[k])} now"
+            for k in wanted
+            if stored.get(k) != wanted[k]
+        )
         raise ValueError(
-            f"{output} was prepared with other settings; use a new output folder or delete {output / 'work'}"
+            f"{output} was prepared with other settings ({changed}): give the settings it was prepared with, or use "
+            f"a new output folder (deleting {output / 'work'} encodes everything again)"
         )
     return manifest
 
@@ -209,63 +218,84 @@ def read_sample_file(path: Path) -> dict:
     return members
 
 
+def _pending(video: dict, samples: Path) -> list[dict]:
+    """The video's windows neither encoded nor skipped yet (none when the whole video was skipped)."""
+    if (samples / f"{_key_stem(video['source'])}.skip.json").exists():
+        return []
+    return [
+        w for w in video["windows"]
+        if not (samples / f"{w['key']}.tar").exists() and not (samples / f"{w['key']}.skip.json").exists()
+    ]  # fmt: skip
+
+
+def count_pending(manifest: dict, output: Path) -> int:
+    """Windows left to encode: with none, a rerun needs no model."""
+    return sum(len(_pending(v, output_paths(output)["samples"])) for v in manifest["videos"])
+
+
+def _open_video(path: Path) -> decord.VideoReader:
+    with decoding(path.name):
+        return decord.VideoReader(str(path), ctx=decord.cpu(0))
+
+
 def run_encode(
     manifest: dict, output: Path, settings: DataSettings, model: WanModel, report: Report,
     audio_encoder: AudioEncoder | None = None, progress: bool = True,
 ) -> None:  # fmt: skip
-    """Encode every planned window not encoded (or skipped) yet; each sample is written atomically."""
-    root, samples = Path(manifest["root"]), _paths(output)["samples"]
+    """Encode every planned window not encoded (or skipped) yet; each sample is written atomically. A video that
+    cannot be used at all is skipped once (a marker named after it), a window that fails alone is skipped alone."""
+    root, samples = Path(manifest["root"]), output_paths(output)["samples"]
     samples.mkdir(parents=True, exist_ok=True)
     enc = settings.encode_settings()
     total = sum(len(v["windows"]) for v in manifest["videos"])
     bar = tqdm(total=total, desc="encode", unit="clip", disable=not progress)
 
-    def skip(key: str, source: str, reason: str, detail: str) -> None:
-        write_json(samples / f"{key}.skip.json", {"item": f"{source}#{key}", "reason": reason, "detail": detail})
+    def skip(name: str, item: str, reason: str, detail: str) -> None:
+        write_json(samples / f"{name}.skip.json", {"item": item, "reason": reason, "detail": detail})
 
     for video in manifest["videos"]:
-        pending = [
-            w for w in video["windows"]
-            if not (samples / f"{w['key']}.tar").exists() and not (samples / f"{w['key']}.skip.json").exists()
-        ]  # fmt: skip
+        pending = _pending(video, samples)
         bar.update(len(video["windows"]) - len(pending))
         if not pending:
             continue
         source = video["source"]
         try:
-            reader = decord.VideoReader(str(root / source), ctx=decord.cpu(0))
-            pose_reader = decord.VideoReader(str(root / video["pose"]), ctx=decord.cpu(0)) if video["pose"] else None
+            reader = _open_video(root / source)
+            pose_reader = _open_video(root / video["pose"]) if video["pose"] else None
             audio = None
             if video["audio"]:
-                audio_file = root / source if video["audio"] == "track" else Path(video["audio"])
-                audio = audio_encoder.features(read_audio(audio_file, normalize=True), fps=enc.fps)
-        except AudioError as err:
-            for w in pending:
-                skip(w["key"], source, "no_audio", str(err))
-            bar.update(len(pending))
-            continue
-        except Exception as err:
-            for w in pending:
-                skip(w["key"], source, "unreadable", str(err).splitlines()[0][:200])
+                audio_file = _audio_file(root, video["audio"], source)
+                try:
+                    audio = audio_encoder.features(read_audio(audio_file, normalize=True), fps=enc.fps)
+                except AudioError as err:
+                    skip(_key_stem(source), source, "no_audio", f"{audio_file.name}: {err}")
+                    bar.update(len(pending))
+                    continue
+        except ValueError as err:
+            skip(_key_stem(source), source, "unreadable", str(err))
             bar.update(len(pending))
             continue
         height, width = video["bucket"]
         for w in pending:
             key, rng = w["key"], _rng(settings, w["key"])
+            span = f"{source} frames {w['source_indices'][0]}-{w['source_indices'][-1]}"
             try:
-                box = crop_box(*video["source_size"], height, width, settings.crop, rng)
-                frames = crop_resize(read_frames(reader, tuple(w["source_indices"])), box, height, width)
-                anchor_idx = None
-                anchor = None
-                if enc.needs_anchor:
-                    anchor_idx = choose_anchor(video["source_frames"], tuple(w["source_indices"]), settings.anchor, rng)
-                    anchor = crop_resize(read_frames(reader, (anchor_idx,)), box, height, width)[0]
-                augment = draw_params(settings.augment, rng)  # after the crop and anchor draws: none when off
-                pose = None
-                if pose_reader is not None:
-                    pose = crop_resize(read_frames(pose_reader, tuple(w["source_indices"])), box, height, width)
-            except Exception as err:  # truncated or corrupt streams fail while decoding
-                skip(key, source, "truncated_or_corrupt", str(err).splitlines()[0][:200])
+                with decoding(span):
+                    box = crop_box(*video["source_size"], height, width, settings.crop, rng)
+                    frames = crop_resize(read_frames(reader, tuple(w["source_indices"])), box, height, width)
+                    anchor_idx = None
+                    anchor = None
+                    if enc.needs_anchor:
+                        anchor_idx = choose_anchor(
+                            video["source_frames"], tuple(w["source_indices"]), settings.anchor, rng
+                        )
+                        anchor = crop_resize(read_frames(reader, (anchor_idx,)), box, height, width)[0]
+                    augment = draw_params(settings.augment, rng)  # after the crop and anchor draws: none when off
+                    pose = None
+                    if pose_reader is not None:
+                        pose = crop_resize(read_frames(pose_reader, tuple(w["source_indices"])), box, height, width)
+            except ValueError as err:  # truncated or corrupt streams fail while decoding
+                skip(key, f"{source}#{key}", "truncated_or_corrupt", str(err))
                 bar.update(1)
                 continue
             meta = {
@@ -285,7 +315,7 @@ def run_encode(
                 members = to_members(sample)
             except SchemaError as err:
                 reason = "non_finite" if "non-finite" in str(err) else "invalid_sample"
-                skip(key, source, reason, str(err))
+                skip(key, f"{source}#{key}", reason, f"{source}: {err}")
                 bar.update(1)
                 continue
             _write_sample(samples / f"{key}.tar", members)
@@ -295,7 +325,7 @@ def run_encode(
 
 def collect_skips(output: Path, report: Report) -> None:
     """Fold the encode stage's skip markers into the report (sorted, so reports are stable)."""
-    for marker in sorted(_paths(output)["samples"].glob("*.skip.json")):
+    for marker in sorted(output_paths(output)["samples"].glob("*.skip.json")):
         entry = json.loads(marker.read_text(encoding="utf-8"))
         report.skip(entry["item"], entry["reason"], entry["detail"])
 
@@ -303,7 +333,7 @@ def collect_skips(output: Path, report: Report) -> None:
 # -- pack ------------------------------------------------------------------------------------------
 def run_pack(manifest: dict, output: Path, settings: DataSettings, spec_id: str, max_bytes: float) -> dict:
     """Write all encoded samples, in manifest order, into size-capped shards plus ``index.json``."""
-    paths = _paths(output)
+    paths = output_paths(output)
     keys = [w["key"] for v in manifest["videos"] for w in v["windows"]]
     files = [paths["samples"] / f"{k}.tar" for k in keys if (paths["samples"] / f"{k}.tar").exists()]
     tmp = output / "shards.tmp"
@@ -345,44 +375,62 @@ def run_pack(manifest: dict, output: Path, settings: DataSettings, spec_id: str,
 
 # -- verify / inspect ------------------------------------------------------------------------------
 def shard_urls(output: Path) -> list[str]:
-    index = json.loads(_paths(output)["index"].read_text(encoding="utf-8"))
-    return [str(_paths(output)["shards"] / s["name"]) for s in index["shards"]]
+    index = json.loads(output_paths(output)["index"].read_text(encoding="utf-8"))
+    return [str(output_paths(output)["shards"] / s["name"]) for s in index["shards"]]
+
+
+class ShardReader:
+    """Iterates over one shard's samples that pass the schema. Problems do not raise: a refused sample, or a tar
+    that breaks off (truncated, corrupt, missing), each adds a line naming the shard to ``problems``."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.count = 0  # samples found, valid or not
+        self.problems: list[str] = []
+        self.broken = False
+
+    def __iter__(self) -> Iterator[Sample]:
+        try:
+            for raw in wds.WebDataset(self.url, shardshuffle=False, empty_check=False):
+                self.count += 1
+                try:
+                    yield from_members(raw)
+                except SchemaError as err:
+                    self.problems.append(f"{self.url}: {err}")
+        except FileNotFoundError:
+            self.broken = True
+            self.problems.append(f"{self.url} is missing")
+        except OSError as err:
+            self.broken = True
+            self.problems.append(f"{self.url} cannot be read ({err.strerror or err})")
+        except (tarfile.TarError, EOFError) as err:  # the tar breaks off
+            self.broken = True
+            why = str(err.args[0] if err.args else type(err).__name__).split(" @ ")[0]  # webdataset appends the stream
+            self.problems.append(f"{self.url} is truncated or corrupt ({why} after {self.count} samples)")
 
 
 def run_verify(output: Path) -> tuple[int, list[str]]:
-    """Read every shard back, validate every sample against the schema and the index counts."""
-    index_path = _paths(output)["index"]
+    """Read every shard back, validate every sample against the schema and the index counts; a damaged shard is
+    reported and the others are still read."""
+    index_path = output_paths(output)["index"]
     if not index_path.is_file():
         raise FileNotFoundError(f"{index_path} does not exist: run pack (or prepare) first")
     index = json.loads(index_path.read_text(encoding="utf-8"))
-    problems, seen = [], {}
+    problems, total = [], 0
     for shard in index["shards"]:
-        url = str(_paths(output)["shards"] / shard["name"])
-        count = 0
-        for raw in wds.WebDataset(url, shardshuffle=False, empty_check=False):
-            count += 1
-            try:
-                from_members(raw)
-            except SchemaError as err:
-                problems.append(str(err))
-        seen[shard["name"]] = count
-        if count != shard["samples"]:
-            problems.append(f"{shard['name']}: {count} samples, index says {shard['samples']}")
-    return sum(seen.values()), problems
+        reader = ShardReader(str(output_paths(output)["shards"] / shard["name"]))
+        for _ in reader:
+            pass
+        total += reader.count
+        problems += reader.problems
+        if not reader.broken and reader.count != shard["samples"]:
+            problems.append(f"{reader.url}: {reader.count} samples, index.json says {shard['samples']}")
+    return total, problems
 
 
-def contact_sheet(model: WanModel, latents: list, columns: int = 4) -> np.ndarray:
-    """Decoded first frames of up to 16 samples in a grid (uint8 ``[H, W, 3]``)."""
-    tiles = [tensor_to_frames(model.decode_latents(lat[None, :, :1].float())[0])[0] for lat in latents[:16]]
-    h, w = tiles[0].shape[:2]
-    rows = (len(tiles) + columns - 1) // columns
-    sheet = np.zeros((rows * h, min(columns, len(tiles)) * w, 3), dtype=np.uint8)
-    for i, tile in enumerate(tiles):
-        if tile.shape[:2] == (h, w):
-            sheet[(i // columns) * h : (i // columns + 1) * h, (i % columns) * w : (i % columns + 1) * w] = tile
-    return sheet
-
-
-def read_shard(url: str) -> list:
-    """All samples of one shard, validated."""
-    return [from_members(raw) for raw in wds.WebDataset(url, shardshuffle=False, empty_check=False)]
+def rebuild_hint(output: Path) -> str:
+    """What to do about damaged shards: rerunning prepare rebuilds them from the encoded samples it kept."""
+    return (
+        f"rerun the prepare command that made {output} to rebuild the shards (it reuses the encoded samples in "
+        f"{output / 'work' / 'samples'}: nothing is encoded again)"
+    )

@@ -7,8 +7,6 @@ import random
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -21,12 +19,17 @@ class Window:
     padded: bool = False
 
 
+def source_index(frame: int, source_fps: float, fps: float) -> int:
+    """The source frame on screen at target-fps frame ``frame`` (time ``frame / fps``)."""
+    return int(math.floor(frame * source_fps / fps + 1e-9))
+
+
 def resample_indices(num_source_frames: int, source_fps: float, fps: float) -> list[int]:
     """Source frame on screen at each target-fps frame time ``j / fps``, over the whole video."""
     if num_source_frames < 1 or source_fps <= 0 or fps <= 0:
         return []
     count = math.ceil(num_source_frames * fps / source_fps - 1e-9)
-    return [min(int(math.floor(j * source_fps / fps + 1e-9)), num_source_frames - 1) for j in range(count)]
+    return [min(source_index(j, source_fps, fps), num_source_frames - 1) for j in range(count)]
 
 
 def plan_windows(
@@ -114,6 +117,9 @@ def crop_box(
 
 def crop_resize(frames: np.ndarray, box: tuple[int, int, int, int], height: int, width: int) -> np.ndarray:
     """Crop ``[T, H, W, 3]`` uint8 frames to ``box`` and resize (bilinear, antialiased) to ``height x width``."""
+    import torch  # here, not at the top: the CLI plans windows and buckets before torch loads
+    import torch.nn.functional as F
+
     x, y, w, h = box
     clip = torch.from_numpy(np.ascontiguousarray(frames[:, y : y + h, x : x + w])).permute(0, 3, 1, 2).float()
     if (h, w) != (height, width):
@@ -121,12 +127,22 @@ def crop_resize(frames: np.ndarray, box: tuple[int, int, int, int], height: int,
     return clip.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
 
+def _rgb(frame: np.ndarray) -> np.ndarray:
+    """An ``[H, W, 3]`` frame from what decord returns. decord2 gives some widths (16, 24, 32, 48, 96, 144, ...) a
+    wrong shape such as ``[H, W, 4]``: the buffer then holds RGB rows padded to ``nbytes / H`` bytes, so each row's
+    first ``3 W`` bytes are the pixels (taking channels 0-2 instead scrambles the picture)."""
+    if frame.shape[-1] == 3:
+        return frame
+    height, width = frame.shape[:2]
+    return np.ascontiguousarray(frame.reshape(height, -1)[:, : 3 * width].reshape(height, width, 3))
+
+
 def read_frames(reader, source_indices: tuple[int, ...]) -> np.ndarray:
     """``[len(source_indices), H, W, 3]`` uint8 frames from a decord reader (each distinct frame decoded once)."""
     unique = sorted(set(source_indices))
     try:
         batch = reader.get_batch(unique).asnumpy()
-    except Exception:  # decord2 returns 4 channels for some widths (e.g. 96) and its batch copy then fails
-        batch = np.stack([reader[i].asnumpy() for i in unique])
+    except Exception:  # decord2's batch copy fails for the widths it gives a wrong shape (see _rgb)
+        batch = np.stack([_rgb(reader[i].asnumpy()) for i in unique])
     position = {idx: i for i, idx in enumerate(unique)}
-    return batch[[position[i] for i in source_indices]][..., :3]
+    return batch[[position[i] for i in source_indices]]
