@@ -58,7 +58,7 @@ def main() -> None:
     image, prompts = write_inputs()
     video = OUT / "shot_tiny.mp4"
     run([py, "-m", "svi_infer", "model=tiny_wan21_i2v", "+experiment=shot", f"image={image}", f"prompts={prompts}"]
-        + [f"adapter.path={adapter}", f"output={video}", "num_clips=4", "resume=false"])  # fmt: skip
+        + [f"adapter.path={adapter}", f"output={video}", "num_clips=4", "resume=false", "overwrite=true"])  # fmt: skip
     run([py, "-m", "svi_infer.evaluate", str(video), "--reference", str(image)])
     print(f"\nclips:   {len(clips)} synthetic videos with captions under {OUT / 'clips'}")
     print(f"shards:  {dataset / 'shards'} (index {dataset / 'index.json'}, report {dataset / 'report.json'})")

@@ -4,7 +4,8 @@ An adapter directory holds ``adapter_model.safetensors`` (peft keys on diffusers
 ``adapter_config.json`` (the peft ``LoraConfig``) and ``svi.json`` (base spec, expert, the variant's
 inference defaults, provenance). Inference needs nothing else. For Wan 2.2 A14B a *split* adapter directory holds
 no weights of its own but ``high_noise/`` and/or ``low_noise/`` sub-directories, each a normal adapter (or a
-diffusers export) loaded into its expert (:func:`expert_dirs`).
+diffusers export) loaded into its expert (:func:`expert_dirs`). The layout and the record of the base (``svi.json``,
+or the ``"svi"`` safetensors metadata of an exported file) are read torch-free by :mod:`svi_infer.adapter_files`.
 
 Single files are read in the formats found in the wild (reference/peers.md §4): peft/diffusers names
 (optionally ``transformer.``-prefixed), Wan's original names with peft's ``.default`` segment (optionally
@@ -23,25 +24,31 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from svi_infer.adapter_files import (  # noqa: F401  (re-exported: what an adapter says about itself, torch-free)
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    DIFFUSERS_METADATA,
+    DIFFUSERS_WEIGHTS,
+    META_FORMAT,
+    SVI_FILE_METADATA,
+    SVI_META,
+    AdapterError,
+    AdapterMeta,
+    expert_dirs,
+    file_metadata,
+    read_meta,
+    weights_file,
+)
 from svi_infer.atomic import atomic_dir
 from svi_infer.model import WanModel
 from svi_infer.pose import POSE_KEY, PoseEncoder, attach_pose, find_pose_encoder, load_pose_encoder, pose_state_dict
-from svi_infer.spec import HIGH_NOISE, LOW_NOISE, ModelSpec
-
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-SVI_META = "svi.json"
-DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
-DIFFUSERS_METADATA = "lora_adapter_metadata"
-META_FORMAT = 1
+from svi_infer.spec import ModelSpec
 
 _PREFIXES = ("base_model.model.", "pipe.dit.", "diffusion_model.", "transformer.")
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_down|lora_up)(?:\.[A-Za-z0-9_]+)?\.weight$")
@@ -73,43 +80,6 @@ _TOP_NAMES = {
 }
 
 
-class AdapterError(ValueError):
-    """An adapter cannot be loaded: wrong base, unmatched keys, or a malformed file."""
-
-
-@dataclass(frozen=True)
-class AdapterMeta:
-    """The contents of ``svi.json``."""
-
-    base: dict[str, Any]
-    expert: str | None = None
-    defaults: dict[str, Any] = field(default_factory=dict)
-    provenance: dict[str, Any] = field(default_factory=dict)
-
-    @staticmethod
-    def for_spec(spec: ModelSpec, expert: str | None = None, defaults=None, provenance=None) -> AdapterMeta:
-        base = {
-            "spec": spec.id,
-            "family": spec.family,
-            "dim": spec.dim,
-            "num_layers": spec.num_layers,
-            "in_channels": spec.in_channels,
-        }
-        return AdapterMeta(base, expert, dict(defaults or {}), dict(provenance or {}))
-
-    def check_base(self, spec: ModelSpec, source: Path) -> None:
-        """Refuse an adapter trained for another base (family or dimensions differ)."""
-        mine = AdapterMeta.for_spec(spec).base
-        wrong = [k for k in ("family", "dim", "num_layers", "in_channels") if self.base.get(k) != mine[k]]
-        if wrong:
-            theirs = ", ".join(f"{k}={self.base.get(k)}" for k in wrong)
-            ours = ", ".join(f"{k}={mine[k]}" for k in wrong)
-            raise AdapterError(
-                f"adapter {source} was trained for {self.base.get('spec')} ({theirs}) and cannot load into "
-                f"{spec.id} ({ours}); choose the matching model"
-            )
-
-
 @dataclass
 class LoraWeights:
     """One module's LoRA: ``down`` [r, in], ``up`` [out, r] and the alpha the file gives (None: alpha = r)."""
@@ -118,49 +88,6 @@ class LoraWeights:
     up: Tensor | None = None
     alpha: float | None = None
     keys: list[str] = field(default_factory=list)  # the file's own key names, for error messages
-
-
-def read_meta(path: str | Path) -> AdapterMeta | None:
-    """``svi.json`` of an adapter directory, or None for a bare LoRA file."""
-    meta_path = Path(path) / SVI_META
-    if not meta_path.is_file():
-        return None
-    data = json.loads(meta_path.read_text(encoding="utf-8"))
-    return AdapterMeta(data["base"], data.get("expert"), data.get("defaults", {}), data.get("provenance", {}))
-
-
-def _weights_file(path: Path) -> Path:
-    if path.is_file():
-        return path
-    if not path.exists():
-        raise AdapterError(f"adapter {path} does not exist")
-    for name in (ADAPTER_WEIGHTS, DIFFUSERS_WEIGHTS):
-        if (path / name).is_file():
-            return path / name
-    raise AdapterError(
-        f"adapter directory {path} holds neither {ADAPTER_WEIGHTS} nor {DIFFUSERS_WEIGHTS} "
-        f"(nor {HIGH_NOISE}/ or {LOW_NOISE}/ sub-directories of a Wan 2.2 A14B adapter)"
-    )
-
-
-def expert_dirs(path: str | Path, spec: ModelSpec | None = None) -> dict[str, Path]:
-    """The per-expert sub-directories of a split Wan 2.2 A14B adapter directory, ``{expert: <path>/<expert>}``.
-
-    A split directory holds ``high_noise/`` and/or ``low_noise/`` and no weights of its own (what training and
-    ``svi_train.export`` write for two experts). Anything else (a file, a normal adapter directory) gives ``{}``.
-    With ``spec``, a split directory is refused for a base with one transformer.
-    """
-    path = Path(path).expanduser()
-    if not path.is_dir() or any((path / name).is_file() for name in (ADAPTER_WEIGHTS, DIFFUSERS_WEIGHTS)):
-        return {}
-    found = {expert: path / expert for expert in (HIGH_NOISE, LOW_NOISE) if (path / expert).is_dir()}
-    if found and spec is not None and not set(found) <= set(spec.experts):
-        raise AdapterError(
-            f"adapter {path} holds a LoRA per Wan 2.2 A14B expert ({', '.join(f'{e}/' for e in found)}) but "
-            f"{spec.id} has one transformer: choose a Wan 2.2 A14B model (e.g. model=wan22_i2v_a14b) or an "
-            f"adapter made for {spec.id}"
-        )
-    return found
 
 
 def _free_name(transformers: list[nn.Module], name: str) -> str:
@@ -237,8 +164,7 @@ def _peft_config(path: Path, file: Path) -> dict | None:
     cfg_path = (path if path.is_dir() else path.parent) / ADAPTER_CONFIG
     if cfg_path.is_file():
         return json.loads(cfg_path.read_text(encoding="utf-8"))
-    with safe_open(str(file), "pt") as handle:
-        raw = (handle.metadata() or {}).get(DIFFUSERS_METADATA)
+    raw = file_metadata(file).get(DIFFUSERS_METADATA)
     if raw:
         return {k.removeprefix("transformer."): v for k, v in json.loads(raw).items()}
     return None
@@ -360,7 +286,7 @@ def load_adapter(
             if expert is None or name == expert
         ]
         return metas[0]
-    meta = read_meta(path) if path.is_dir() else None
+    meta = read_meta(path)
     if meta is not None:
         meta.check_base(spec, path)
         if expert is not None and meta.expert is not None and expert != meta.expert:
@@ -368,7 +294,7 @@ def load_adapter(
         expert = expert or meta.expert
     if expert is not None and expert not in spec.experts:
         raise AdapterError(f"{spec.id} has no expert {expert!r} (its experts: {', '.join(spec.experts)})")
-    file = _weights_file(path)
+    file = weights_file(path)
     try:
         state_dict = load_file(str(file))
     except Exception as err:  # safetensors raises several types for a damaged file

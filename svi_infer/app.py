@@ -1,46 +1,45 @@
-"""From a composed ``conf/infer.yaml`` to a generated video: check everything cheap first, then load."""
+"""From a composed ``conf/infer.yaml`` to a generated video: check everything cheap first, then load.
+
+:func:`plan` imports no torch: the settings, the output path, the image, prompts, adapters (and the base they were
+made for), audio and pose are checked before torch and diffusers start up, let alone before a model loads.
+"""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from svi_infer.adapters import AdapterError, expert_dirs, load_adapter, read_meta, set_strength
-from svi_infer.audio import TALK_FPS, AudioEncoder, frames_for_samples, read_audio
+from svi_infer.adapter_files import AdapterError, expert_dirs, read_meta
+from svi_infer.audio_file import TALK_FPS, frames_for_samples, read_audio
+from svi_infer.config import TOP_LEVEL_SETTINGS
 from svi_infer.errors import USER_ERRORS  # noqa: F401  (re-exported for tests)
-from svi_infer.generate import (
-    GenerationResult,
-    GenerationSettings,
-    LongVideoGenerator,
-    attach_talk_modules,
-    check_talk_audio,
-)
-from svi_infer.model import OriginalFiles, build_model, resolve_device
 from svi_infer.prompts import load_prompts
+from svi_infer.settings import GenerationSettings, check_output, check_talk_audio
 from svi_infer.spec import HIGH_NOISE, LOW_NOISE, ModelSpec, get_spec
 from svi_infer.video_io import probe_streams, read_image
+
+if TYPE_CHECKING:
+    from svi_infer.generate import GenerationResult
 
 _SPEC_DEFAULTS = ("frames_per_clip", "fps", "steps", "shift", "cfg_scale")
 
 
 @dataclass(frozen=True)
 class Plan:
-    """Everything a run needs, checked before any model is loaded."""
+    """Everything a run needs, checked before torch is imported."""
 
     spec: ModelSpec
     model_path: str | None
-    original: OriginalFiles
-    device: torch.device
-    dtype: torch.dtype
     settings: GenerationSettings
     adapters: list[tuple[Path, str | None]]  # (path, expert)
     image: Image.Image
     prompts: list[str]
+    output: Path
     audio: Path | None = None  # Talk: the driving audio
     pose: Path | None = None  # Dance: the pose video
     side_by_side: bool = False  # Dance: also write <output stem>.sbs.mp4
@@ -67,7 +66,7 @@ def _adapters(cfg: DictConfig, spec: ModelSpec) -> list[tuple[Path, str | None]]
             )
         path = Path(path).expanduser()
         if not path.exists():
-            raise FileNotFoundError(f"adapter {path} does not exist")
+            raise FileNotFoundError(f"adapter {path} does not exist; check adapter.{expert or 'path'}")
         split = expert_dirs(path, spec)
         if not split:
             adapters.append((path, expert))
@@ -87,11 +86,9 @@ def resolve_settings(cfg: DictConfig, spec: ModelSpec, adapter_defaults: dict[st
     ``conditioning=audio`` and no fps from the user or the adapter, fps is Talk's 25, not the model's.
     """
     given = {k: v for k, v in OmegaConf.to_container(cfg.variant, resolve=True).items() if v is not None}
-    for key in ("num_clips", "frames_per_clip", "height", "width", "seed", "seed_policy"):
-        if cfg.get(key) is not None:
-            given[key] = cfg[key]
+    given |= {key: cfg[key] for key in TOP_LEVEL_SETTINGS if cfg.get(key) is not None}
     names = {f.name for f in fields(GenerationSettings)}
-    unknown = sorted(set(given) - names)
+    unknown = sorted(set(given) - names)  # only keys forced in with +variant.<key>=... get past the schema
     if unknown:
         raise ValueError(f"unknown variant setting(s) {unknown}; known: {sorted(names)}")
     chosen = {k: v for k, v in adapter_defaults.items() if k in names} | given
@@ -153,31 +150,42 @@ def _pose_input(path: Any) -> Path:
     return path
 
 
+def _adapter_defaults(adapters: list[tuple[Path, str | None]], spec: ModelSpec) -> dict[str, Any]:
+    """Refuse an adapter made for another base or expert; its recorded variant defaults, the first adapter's
+    winning. An adapter that records no base (a LoRA file made elsewhere) is noted on stderr and loads if its
+    tensor shapes fit."""
+    defaults: dict[str, Any] = {}
+    for path, expert in reversed(adapters):
+        meta = read_meta(path)
+        if meta is None:
+            print(
+                f"svi_infer: note: adapter {path} does not record the base model it was made for (no svi.json, no "
+                f"'svi' safetensors metadata): it loads if its tensor shapes fit {spec.id}, unchecked",
+                file=sys.stderr,
+            )
+            continue
+        meta.check_base(spec, path)
+        if expert is not None and meta.expert is not None and meta.expert != expert:
+            raise AdapterError(f"adapter {path} is for the {meta.expert} expert, not {expert}")
+        defaults |= meta.defaults
+    return defaults
+
+
 def plan(cfg: DictConfig) -> Plan:
-    """Validate the request: model, adapters, settings, image and prompts. Loads no weights."""
+    """Validate the request: model, output, adapters, settings, image, prompts, audio and pose. Imports no torch."""
     spec = get_spec(cfg.model.spec)
-    model_path = cfg.model.get("path")
-    if OmegaConf.is_missing(cfg.model, "path") or (model_path is None and not spec.tiny):
+    model_path = cfg.model.path
+    if model_path is None and not spec.tiny:
         raise ValueError(
             f"model.path is required for {spec.id}: the local folder with its weights in diffusers layout "
             "(or choose a tiny model, e.g. model=tiny_wan21_i2v)"
         )
     if OmegaConf.is_missing(cfg, "image") or OmegaConf.is_missing(cfg, "prompts"):
         raise ValueError("give image=<path to the first frame> and prompts=<.txt/.json file or a prompt>")
-    device, dtype = resolve_device(cfg.model.device, cfg.model.dtype)
-    original = OriginalFiles.from_paths(
-        cfg.model.get("transformer_files"), cfg.model.get("transformer_2_files"), cfg.model.get("vae_file")
-    )
+    output = Path(cfg.output).expanduser()
+    check_output(output, cfg.resume, cfg.overwrite)
     adapters = _adapters(cfg, spec)
-    defaults: dict[str, Any] = {}
-    for path, expert in reversed(adapters):  # the first adapter's defaults win
-        meta = read_meta(path) if path.is_dir() else None
-        if meta is not None:
-            meta.check_base(spec, path)
-            if expert is not None and meta.expert is not None and meta.expert != expert:
-                raise AdapterError(f"adapter {path} is for the {meta.expert} expert, not {expert}")
-            defaults |= meta.defaults
-    settings = resolve_settings(cfg, spec, defaults)
+    settings = resolve_settings(cfg, spec, _adapter_defaults(adapters, spec))
     settings.validate(spec)
     mode = settings.mode
     multitalk = encoder = None
@@ -203,13 +211,11 @@ def plan(cfg: DictConfig) -> Plan:
     return Plan(
         spec,
         model_path,
-        original,
-        device,
-        dtype,
         settings,
         adapters,
         image,
         prompts,
+        output,
         audio=audio,
         pose=pose,
         side_by_side=bool(cfg.get("side_by_side")),
@@ -221,7 +227,17 @@ def plan(cfg: DictConfig) -> Plan:
 def run(cfg: DictConfig) -> GenerationResult:
     """Plan, build the model (+ Talk's audio modules and encoder), load adapters, generate."""
     p = plan(cfg)
-    model = build_model(p.spec, p.model_path, p.device, p.dtype, p.original)
+    # torch, diffusers and peft start up only now, once every cheap check has passed
+    from svi_infer.adapters import load_adapter, set_strength
+    from svi_infer.audio import AudioEncoder
+    from svi_infer.generate import LongVideoGenerator, attach_talk_modules
+    from svi_infer.model import OriginalFiles, build_model, resolve_device
+
+    device, dtype = resolve_device(cfg.model.device, cfg.model.dtype)
+    original = OriginalFiles.from_paths(
+        cfg.model.get("transformer_files"), cfg.model.get("transformer_2_files"), cfg.model.get("vae_file")
+    )
+    model = build_model(p.spec, p.model_path, device, dtype, original)
     audio_encoder = None
     if p.settings.mode == "audio":  # before the adapters, so an adapter holding audio-module LoRA finds them
         attach_talk_modules(model, p.multitalk)
@@ -236,7 +252,7 @@ def run(cfg: DictConfig) -> GenerationResult:
         set_strength(model, cfg.adapter.strength)
     provenance = {
         "model_path": p.model_path,
-        "original_files": [str(f) for f in (*p.original.transformer, *p.original.transformer_2, p.original.vae) if f],
+        "original_files": [str(f) for f in (*original.transformer, *original.transformer_2, original.vae) if f],
         "adapters": [{"path": str(a), "expert": e} for a, e in p.adapters],
         "adapter_strength": cfg.adapter.strength,
         "image": str(cfg.image),
@@ -248,7 +264,7 @@ def run(cfg: DictConfig) -> GenerationResult:
     return generator.generate(
         p.image,
         p.prompts,
-        Path(cfg.output),
+        p.output,
         resume=cfg.resume,
         progress=cfg.progress,
         audio=p.audio,

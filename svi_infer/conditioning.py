@@ -20,14 +20,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from svi_infer.settings import HANDOFFS, check_frames_per_clip  # noqa: F401  (HANDOFFS re-exported)
+
 MASK_CHANNELS = 4
-HANDOFFS = ("pixel", "latent")  # how a clip is carried into the next: decoded frames, or latents
-
-
-def check_frames_per_clip(num_frames: int, temporal_factor: int = 4) -> None:
-    """Wan clips are ``temporal_factor * k + 1`` frames long (the VAE keeps frame 0 on its own)."""
-    if num_frames < 1 or (num_frames - 1) % temporal_factor:
-        raise ValueError(f"frames_per_clip must be {temporal_factor}k+1 (e.g. 81, 49, 17), got {num_frames}")
 
 
 def conditioning_video(motion: Tensor, anchor: Tensor | None, num_frames: int, ref_pad_num: int) -> Tensor:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import secrets
 import shutil
 import time
 import warnings
@@ -43,10 +42,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from svi_infer.atomic import write_json, write_with
-from svi_infer.audio import TALK_FPS, AudioEncoder, AudioError, clip_audio, clips_for_frames, is_silent, read_audio
+from svi_infer.audio import AudioEncoder, clip_audio, clips_for_frames, is_silent, read_audio
 from svi_infer.conditioning import (
-    HANDOFFS,
-    check_frames_per_clip,
     conditioning_video,
     first_frames_mask,
     held_latents,
@@ -58,119 +55,18 @@ from svi_infer.pose import find_pose_encoder, pose_frames_for_clip, read_pose_vi
 from svi_infer.pose import side_by_side as side_by_side_frames
 from svi_infer.prompts import prompt_for_clip
 from svi_infer.sampler import PassInputs, TalkGuidance, TextGuidance, sample_clip
-from svi_infer.spec import WAN21_I2V, ModelSpec
+from svi_infer.settings import (  # the settings and output paths are checked torch-free; callers import them here too
+    DEFAULT_NUM_CLIPS,
+    GenerationSettings,
+    check_talk_audio,
+    parts_dir,
+    side_by_side_path,
+    sidecar_path,
+)
 from svi_infer.talk import AudioWindows, TalkConfig, attach_talk, get_talk, latent_windows, load_multitalk
 from svi_infer.video_io import concat_mp4, fit_image, frames_to_tensor, mux_audio, tensor_to_frames, write_mp4
 
-SEED_POLICIES = ("fixed", "random")
-CONDITIONINGS = ("text", "audio", "pose")
-DEFAULT_NUM_CLIPS = 3  # what num_clips=None means without audio to measure
 TINY_TALK_SEED = 20251011  # random MultiTalk modules of tiny models: the same in every process
-# Wan's default negative prompt, in English (reference/svi.md §4.1).
-DEFAULT_NEGATIVE_PROMPT = (
-    "bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
-    "overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, "
-    "poorly drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still "
-    "picture, messy background, three legs, many people in the background, walking backwards"
-)
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """Everything that decides the frames of a long video (besides model, adapters, image, prompts, audio, pose).
-
-    ``num_clips=None``: with ``conditioning="audio"`` as many clips as the audio lasts
-    (:func:`svi_infer.audio.clips_for_frames`), otherwise ``DEFAULT_NUM_CLIPS``. ``conditioning``: None or
-    ``"text"`` (Shot/Film), ``"audio"`` (Talk: text guidance ``cfg_scale``, audio guidance ``cfg_scale_audio``),
-    ``"pose"`` (Dance: text guidance only, the pose in every pass).
-    """
-
-    num_clips: int | None = None
-    frames_per_clip: int = 81
-    num_motion_frames: int = 1
-    ref_pad_num: int = -1
-    handoff: str = "pixel"
-    num_motion_latents: int = 1
-    steps: int = 50
-    shift: float = 5.0
-    cfg_scale: float = 5.0
-    fps: int = 16
-    height: int = 480
-    width: int = 832
-    seed: int = 42
-    seed_policy: str = "fixed"
-    prompt_repeat_times: int = 1
-    use_first_prompt_only: bool = False
-    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
-    conditioning: str | None = None
-    cfg_scale_audio: float = 5.0
-
-    @property
-    def mode(self) -> str:
-        """``text``, ``audio`` or ``pose`` (None counts as ``text``)."""
-        return self.conditioning or "text"
-
-    @property
-    def overlap_frames(self) -> int:
-        """Frames at the start of every clip after the first that repeat the previous clip (dropped)."""
-        return self.num_motion_frames if self.handoff == "pixel" else 1 + 4 * self.num_motion_latents
-
-    def validate(self, spec: ModelSpec) -> None:
-        """Raise one ``ValueError`` naming every bad setting, before anything heavy is loaded."""
-        problems = []
-        try:
-            check_frames_per_clip(self.frames_per_clip, spec.vae_temporal)
-        except ValueError as err:
-            problems.append(str(err))
-        if self.handoff not in HANDOFFS:
-            problems.append(f"handoff must be one of {HANDOFFS}, got {self.handoff!r}")
-        if self.handoff == "pixel" and not 1 <= self.num_motion_frames < self.frames_per_clip:
-            problems.append(
-                f"num_motion_frames must be >= 1 and < frames_per_clip ({self.frames_per_clip}), "
-                f"got {self.num_motion_frames}"
-            )
-        if self.handoff == "latent" and not 1 <= self.num_motion_latents < spec.latent_frames(self.frames_per_clip) - 1:
-            problems.append(
-                f"num_motion_latents must be >= 1 and leave room after the anchor latent in a "
-                f"{spec.latent_frames(self.frames_per_clip)}-latent clip, got {self.num_motion_latents}"
-            )
-        if self.ref_pad_num < -1:
-            problems.append(f"ref_pad_num must be -1 (anchor), 0 (zeros) or N > 0, got {self.ref_pad_num}")
-        m = spec.spatial_multiple
-        if self.height % m or self.width % m or self.height <= 0 or self.width <= 0:
-            problems.append(f"resolution must be a positive multiple of {m}, got {self.height}x{self.width}")
-        if self.seed_policy not in SEED_POLICIES:
-            problems.append(f"seed_policy must be one of {SEED_POLICIES}, got {self.seed_policy!r}")
-        if self.seed_policy == "fixed" and self.seed == 0 and (self.num_clips is None or self.num_clips > 1):
-            problems.append("seed=0 with seed_policy=fixed gives every clip the same noise (seed x clip index)")
-        for name in ("num_clips", "steps", "fps", "prompt_repeat_times"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                problems.append(f"{name} must be >= 1, got {value}")
-        if self.cfg_scale <= 0 or self.shift <= 0 or self.cfg_scale_audio <= 0:
-            problems.append(
-                f"cfg_scale, cfg_scale_audio and shift must be > 0, got {self.cfg_scale}, {self.cfg_scale_audio} "
-                f"and {self.shift}"
-            )
-        if self.conditioning is not None and self.conditioning not in CONDITIONINGS:
-            problems.append(f"conditioning must be one of {CONDITIONINGS} (or null), got {self.conditioning!r}")
-        if self.mode == "audio":
-            if spec.family != WAN21_I2V:
-                problems.append(
-                    f"conditioning=audio (SVI-Talk) uses MultiTalk's audio modules, made for Wan 2.1 I2V; {spec.id} "
-                    "has none"
-                )
-            if self.fps != TALK_FPS:
-                problems.append(
-                    f"conditioning=audio needs fps={TALK_FPS:g} (the rate of the Talk audio windows), got {self.fps}"
-                )
-        if not spec.conditioning_by_concat and self.handoff == "pixel":
-            problems.append(
-                f"{spec.id} (Wan 2.2 TI2V-5B) is conditioned by replacing its first latent frames with the anchor "
-                "and motion latents, which needs the latent hand-off: use handoff=latent (+experiment=wan22_5b)"
-            )
-        if problems:
-            raise ValueError("invalid generation settings:\n  - " + "\n  - ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -196,31 +92,6 @@ def file_sha256(path: str | Path) -> str:
         while block := handle.read(1 << 20):
             digest.update(block)
     return digest.hexdigest()
-
-
-def parts_dir(output: Path) -> Path:
-    return output.with_name(output.name + ".parts")
-
-
-def sidecar_path(output: Path) -> Path:
-    return output.with_suffix(".json")
-
-
-def side_by_side_path(output: Path) -> Path:
-    """``<output stem>.sbs.mp4``: Dance's reference | pose | generated video."""
-    return output.with_name(output.stem + ".sbs.mp4")
-
-
-def check_talk_audio(audio_frames: int, settings: GenerationSettings, source: str | Path) -> None:
-    """Refuse audio shorter than one clip: a Talk clip is driven by its audio, and silence padded over most of
-    the only clip would hide the user's mistake (a wrong file, or frames_per_clip too long for a short line)."""
-    frames = settings.frames_per_clip
-    if audio_frames < frames:
-        raise AudioError(
-            f"the audio of {source} lasts {audio_frames / settings.fps:.2f} s ({audio_frames} frames at "
-            f"{settings.fps} fps), shorter than one clip ({frames} frames, {frames / settings.fps:.2f} s); give a "
-            "longer audio or lower frames_per_clip (4k+1)"
-        )
 
 
 def talk_windows(
@@ -345,6 +216,9 @@ class LongVideoGenerator:
         if state is None:
             shutil.rmtree(parts, ignore_errors=True)
             state = {"fingerprint": fingerprint, "clips": [], "frames_written": 0, "tail": None}
+        elif state["clips"]:
+            done = len(state["clips"])
+            print(f"resuming {output} after clip {done} of {num_clips}: {max(num_clips - done, 0)} to go", flush=True)
         state["num_clips"] = num_clips
         parts.mkdir(parents=True, exist_ok=True)
 
@@ -357,7 +231,7 @@ class LongVideoGenerator:
         for k in range(start, num_clips):
             t0 = time.perf_counter()
             prompt = prompt_for_clip(prompts, k, s.prompt_repeat_times, s.use_first_prompt_only)
-            seed = self._seed(k)
+            seed = s.clip_seed(k)
             frames, latents = self._clip(k, prompt, seed, anchor, anchor_latent, tail, negative, progress)
             keep = frames if k == 0 else frames[s.overlap_frames :]
             segment = f"clip_{k:05d}.mp4"
@@ -532,11 +406,6 @@ class LongVideoGenerator:
         return [] if self._inputs.poses is None else list(self.model.transformers)
 
     # -- state --------------------------------------------------------------------------------------
-    def _seed(self, k: int) -> int:
-        if self.settings.seed_policy == "random":
-            return secrets.randbits(31)
-        return self.settings.seed * k  # SVI's seed_multiplier: 0, 42, 84, ...
-
     def _fingerprint(self, anchor_img: Image.Image, prompts: list[str]) -> str:
         s = asdict(self.settings)
         s.pop("num_clips")  # an interrupted run may be continued to a different length

@@ -41,7 +41,7 @@ def load_prompts(source: str | list[str]) -> list[str]:
         try:
             return parse_prompts(path.read_text(encoding="utf-8"), str(path))
         except FileNotFoundError:
-            raise PromptError(f"prompt file {path} does not exist") from None
+            raise PromptError(f"prompt file {path} does not exist; check the path, or give the prompt itself") from None
         except (OSError, UnicodeDecodeError) as err:
             raise PromptError(f"cannot read prompt file {path}: {err}") from None
     return parse_prompts(source, "prompt")

@@ -1,4 +1,8 @@
-"""Reading images and videos, writing mp4 clips that are joined without re-encoding, and muxing a soundtrack."""
+"""Reading images and videos, writing mp4 clips that are joined without re-encoding, and muxing a soundtrack.
+
+torch is imported only by the two functions that make or read tensors, so the CLI reads its inputs before torch
+starts up.
+"""
 
 from __future__ import annotations
 
@@ -7,22 +11,24 @@ import re
 import subprocess
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import imageio_ffmpeg
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
-from torch import Tensor
 
 from svi_infer.atomic import atomic_path
-from svi_infer.audio import AudioError
+from svi_infer.audio_file import AudioError
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def read_image(path: str | Path) -> Image.Image:
     """An RGB image, or one clear error for a missing or unreadable file."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"image {path} does not exist")
+        raise FileNotFoundError(f"image {path} does not exist; check the path")
     try:
         with Image.open(path) as img:
             return img.convert("RGB")
@@ -41,12 +47,16 @@ def fit_image(image: Image.Image, height: int, width: int) -> Image.Image:
 
 def frames_to_tensor(frames: np.ndarray) -> Tensor:
     """``[T, H, W, 3]`` uint8 frames to a ``[3, T, H, W]`` float video in [-1, 1]."""
+    import torch
+
     video = torch.from_numpy(np.array(frames, dtype=np.uint8)).permute(3, 0, 1, 2)
     return (video.float() / 127.5 - 1.0).contiguous()
 
 
 def tensor_to_frames(video: Tensor) -> np.ndarray:
     """``[3, T, H, W]`` video in [-1, 1] to ``[T, H, W, 3]`` uint8 frames."""
+    import torch
+
     video = ((video.detach().float().cpu().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
     return video.permute(1, 2, 3, 0).numpy()
 

@@ -1,8 +1,10 @@
-"""Callbacks: export inference-ready adapter directories, and render rollout previews (with their drift metrics)
-while training."""
+"""Callbacks: progress lines, export inference-ready adapter directories, and render rollout previews (with their
+drift metrics) while training."""
 
 from __future__ import annotations
 
+import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -15,6 +17,65 @@ from svi_infer.evaluate import evaluate_video, output_paths, write_report
 from svi_infer.generate import GenerationSettings, LongVideoGenerator
 from svi_infer.video_io import tensor_to_frames
 from svi_train.strategies import lora_state_dict
+
+
+class StepProgress(L.Callback):
+    """Progress on stdout, from rank 0: ``step 40/300  loss 0.0923  1.52 s/step  eta 0:06:35``.
+
+    A line every ``every_n_steps`` optimizer steps and at the last one, whatever stdout is (a terminal, a log file,
+    nohup, SLURM); with ``live`` (a terminal) the line is also redrawn in place at every step between them. The loss
+    is the mean over the steps since the last line, s/step the wall time per step (data, step, callbacks), the eta
+    what that leaves to ``max_steps``. Lightning's bars count epochs, which mean nothing on a stream of shards.
+    """
+
+    def __init__(self, every_n_steps: int, live: bool = False) -> None:
+        self.every_n_steps = max(1, every_n_steps)
+        self.live = live
+        self.step = -1
+        self._open_line = False
+
+    def on_train_start(self, trainer, module) -> None:
+        self.step = trainer.global_step
+        self._window(trainer.global_step)
+
+    def _window(self, step: int) -> None:
+        self.start_step, self.start_time, self.losses = step, time.perf_counter(), []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        loss = trainer.callback_metrics.get("train/loss")
+        if loss is not None:
+            self.losses.append(float(loss))
+        if trainer.global_step == self.step or not trainer.is_global_zero:
+            return  # accumulating gradients: not an optimizer step yet
+        self.step = step = trainer.global_step
+        end_of_window = step % self.every_n_steps == 0 or step == trainer.max_steps
+        if end_of_window or self.live:
+            self._write(self._line(step, trainer.max_steps), end_of_window)
+        if end_of_window:
+            self._window(step)
+
+    def _line(self, step: int, max_steps: int) -> str:
+        seconds = (time.perf_counter() - self.start_time) / max(1, step - self.start_step)
+        loss = f"{sum(self.losses) / len(self.losses):.4f}" if self.losses else "-"
+        if max_steps <= 0:  # no end set
+            return f"step {step}  loss {loss}  {seconds:.2f} s/step"
+        left = round(seconds * (max_steps - step))
+        eta = f"{left // 3600}:{left % 3600 // 60:02d}:{left % 60:02d}"
+        return f"step {step}/{max_steps}  loss {loss}  {seconds:.2f} s/step  eta {eta}"
+
+    def _write(self, line: str, newline: bool) -> None:
+        prefix = "\r\x1b[K" if self.live else ""  # back to the line's start and clear it
+        sys.stdout.write(prefix + line + ("\n" if newline else ""))
+        sys.stdout.flush()
+        self._open_line = not newline
+
+    def on_train_end(self, trainer, module) -> None:
+        if self._open_line:  # a live line the run ended on
+            sys.stdout.write("\n")
+            self._open_line = False
+
+    def on_exception(self, trainer, module, exception) -> None:
+        self.on_train_end(trainer, module)  # the error message then starts on a line of its own
 
 
 class AdapterExport(L.Callback):

@@ -1,16 +1,18 @@
 """Typed schemas for the training config groups, registered with Hydra so a typo or a wrong type fails when
 the config is composed, not hours into a run. The classes are plain dataclasses; only this module knows Hydra.
+
+Torch-free on purpose (like every schema here, the recycling and data ones included): ``python -m svi_train``
+composes the config and answers ``--help``, ``--cfg job`` or a mistake before torch and Lightning load.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from svi_train.data import DataConfig
-from svi_train.recycling import RecyclingConfig
+from svi_infer.errors import UserError
 
 SVI_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2")  # SVI's q,k,v,o,ffn.0,ffn.2
 
@@ -47,8 +49,8 @@ class TrainerSettings:
     max_steps: int = 1000
     gradient_clip_val: float = 1.0
     accumulate_grad_batches: int = 1
-    log_every_n_steps: int = 10
-    enable_progress_bar: bool = True
+    log_every_n_steps: int = 10  # metrics, and a progress line (step/max_steps, loss, s/step, eta)
+    enable_progress_bar: bool = True  # on a terminal, redraw the progress line every step (lines: always)
     checkpoint_every_n_steps: int = 100
     offload: bool = False  # deepspeed_z2: optimizer state to CPU; deepspeed_z3: + parameters; fsdp: parameters
 
@@ -127,20 +129,124 @@ class ExpertSettings:
         return experts if self.train == "all" else (self.train,)
 
 
+REPLACEMENT_POLICIES = ("random", "fifo", "nearest_l2")
+STORAGE_DTYPE_NAMES = ("bfloat16", "float16", "float32")  # torch dtypes of these names: recycling.config
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class RecyclingConfig:
+    """Error-Recycling Fine-Tuning (reference/svi.md §1): what to inject, how often, and how the error banks are
+    kept; validated once, so a bad value fails at start. Defaults are the shipped SVI-Shot script values (svi.md
+    §2.6), which produced the released LoRAs; where the paper differs (``p_clean`` 0.5, warm-up 20) the scripts win.
+
+    ``p_noise``/``p_latent``/``p_cond`` are the per-sample probabilities of adding a banked error to the noise,
+    the clean latent and the conditioning latent; ``p_clean`` forces an error-free sample, whose errors enter
+    the banks only with probability ``p_clean_update``. ``enabled=False`` is the plain-LoRA baseline: nothing is
+    injected and the banks are never updated.
+    """
+
+    p_noise: float = 0.01
+    p_latent: float = 0.9
+    p_cond: float = 0.9
+    p_clean: float = 0.2
+    p_clean_update: float = 0.1
+    num_grids: int = 50  # grid anchors = the inference timesteps of a num_grids-step run
+    shift: float = 5.0
+    capacity: int = 500  # entries per grid per bank
+    replacement: str = "nearest_l2"  # random | fifo | nearest_l2
+    warmup_iters: int = 50  # steps during which every rank's errors enter every rank's banks
+    cond_error_frames: int = 3  # latent frames of y that receive the conditioning error
+    cond_from_all_grids: bool = True
+    modulation: float = 0.0  # each sampled error is scaled by U(1 - modulation, 1 + modulation)
+    storage_dtype: str = "bfloat16"
+    max_bytes_per_bank: int = 8 * 1024**3
+    sketch_size: int = 4096  # coordinates per entry sketch used by nearest_l2
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("p_noise", "p_latent", "p_cond", "p_clean", "p_clean_update"):
+            value = getattr(self, name)
+            if not _is_number(value) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
+        for name in ("num_grids", "capacity", "cond_error_frames", "max_bytes_per_bank", "sketch_size"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not _is_int(self.warmup_iters) or self.warmup_iters < 0:
+            raise ValueError(f"warmup_iters must be an integer >= 0, got {self.warmup_iters!r}")
+        if not _is_number(self.shift) or self.shift <= 0:
+            raise ValueError(f"shift must be a number > 0, got {self.shift!r}")
+        if not _is_number(self.modulation) or not 0.0 <= self.modulation <= 1.0:
+            raise ValueError(f"modulation must be in [0, 1] (scale U(1-f, 1+f)), got {self.modulation!r}")
+        if self.replacement not in REPLACEMENT_POLICIES:
+            raise ValueError(f"replacement must be one of {REPLACEMENT_POLICIES}, got {self.replacement!r}")
+        if self.storage_dtype not in STORAGE_DTYPE_NAMES:
+            raise ValueError(f"storage_dtype must be one of {STORAGE_DTYPE_NAMES}, got {self.storage_dtype!r}")
+        for name in ("cond_from_all_grids", "enabled"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the shards are and how they stream."""
+
+    path: str = "???"  # a data_tools output folder (with index.json and shards/)
+    batch_size: int = 1
+    num_workers: int = 0
+    shuffle_buffer: int = 64
+    resampled: bool = False  # endless sampling with replacement (multi-node); else epochs over the shards
+    motion_frames: tuple[int, ...] = (1,)  # conditioning variants to draw from (must be in the shards)
+    p_more_motion: float = 0.9  # with several: the largest count with this probability, else the smallest
+    motion_latents: tuple[int, ...] = (0, 1)  # latent hand-off: motion latents to draw (0 = a clip-0 sample)
+    max_skip_ratio: float = 0.1  # stop when more than this share of samples/shards cannot be used
+
+
+SCHEMAS: dict[str, type] = {
+    "lora": LoraSettings,
+    "recycling": RecyclingConfig,
+    "data": DataConfig,
+    "trainer": TrainerSettings,
+    "logger": LoggerSettings,
+    "callbacks": CallbackSettings,
+    "optim": OptimSettings,
+    "conditioning": ConditioningSettings,
+    "experts": ExpertSettings,
+}
+
+
+def typed(cfg: DictConfig, group: str) -> Any:
+    """The settings of ``group`` as its frozen dataclass (lists become tuples).
+
+    Hydra's struct mode refuses a misspelt key, but one added with ``+`` (``+optim.lrr=1e-4``) gets past it; it is
+    refused here, with the keys the group takes.
+    """
+    schema = SCHEMAS[group]
+    values = OmegaConf.to_container(cfg[group], resolve=True)
+    known = [f.name for f in fields(schema)]
+    unknown = [key for key in values if key not in known]
+    if unknown:
+        raise UserError(
+            f"unknown key {', '.join(f'{group}.{key}' for key in unknown)}: {group} takes {', '.join(known)} "
+            "(python -m svi_train --cfg job prints every key)"
+        )
+    return schema(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
 def register() -> None:
     """Make the schemas available as ``<group>/schema`` for the YAML files to extend."""
+    from hydra.core.config_store import ConfigStore
+
     cs = ConfigStore.instance()
-    for group, node in (
-        ("lora", LoraSettings),
-        ("recycling", RecyclingConfig),
-        ("data", DataConfig),
-        ("trainer", TrainerSettings),
-        ("logger", LoggerSettings),
-        ("callbacks", CallbackSettings),
-        ("optim", OptimSettings),
-        ("conditioning", ConditioningSettings),
-        ("experts", ExpertSettings),
-    ):
+    for group, node in SCHEMAS.items():
         schema = OmegaConf.structured(node)
         OmegaConf.set_readonly(schema, False)  # frozen in code, but YAML files and overrides must set fields
         cs.store(group=group, name="schema", node=schema)

@@ -6,10 +6,8 @@ Samples are bucketed by resolution so a batch never mixes shapes.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -17,60 +15,65 @@ import torch
 import webdataset as wds
 from torch import Tensor
 
+from svi_infer.errors import UserError
 from svi_infer.schema import SchemaError, from_members, padded_text
+from svi_train.config import DataConfig
+from svi_train.shards import few
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class DataConfig:
-    """Where the shards are and how they stream."""
+class DataSkipError(UserError):
+    """Too many samples or shards could not be used.
 
-    path: str = "???"  # a data_tools output folder (with index.json and shards/)
-    batch_size: int = 1
-    num_workers: int = 0
-    shuffle_buffer: int = 64
-    resampled: bool = False  # endless sampling with replacement (multi-node); else epochs over the shards
-    motion_frames: tuple[int, ...] = (1,)  # conditioning variants to draw from (must be in the shards)
-    p_more_motion: float = 0.9  # with several: the largest count with this probability, else the smallest
-    motion_latents: tuple[int, ...] = (0, 1)  # latent hand-off: motion latents to draw (0 = a clip-0 sample)
-    max_skip_ratio: float = 0.1  # stop when more than this share of samples/shards cannot be used
+    Raised in a DataLoader worker, it reaches the main process re-made from torch's text of it (``Caught
+    DataSkipError in DataLoader worker process 0. Original Traceback ... DataSkipError: <message>``): the message is
+    taken back out of that, so the user gets the one line and not the worker's traceback.
+    """
 
-
-def read_index(path: str | Path) -> dict:
-    index_path = Path(path).expanduser() / "index.json"
-    if not index_path.is_file():
-        raise FileNotFoundError(f"{index_path} does not exist: prepare shards with `python -m data_tools prepare`")
-    return json.loads(index_path.read_text(encoding="utf-8"))
-
-
-class DataSkipError(RuntimeError):
-    """Too many samples or shards could not be used."""
+    def __init__(self, message: str) -> None:
+        super().__init__(message.rsplit(f"{type(self).__name__}: ", 1)[-1].strip())
 
 
 class _Validated:
-    """Decode + validate raw members; count, log once and drop bad samples and unreadable shards (the count
-    rides along in each sample); fail only when the share of skipped items passes ``max_skip_ratio``."""
+    """Decode + validate raw members; count, log and drop bad samples and unreadable shards (the count rides along
+    in each sample). Fails when the share of skipped items passes ``max_skip_ratio``: as soon as ``min_seen`` items
+    were read, and at the end of every pass over the shards, so a small set of bad samples fails on its first pass
+    instead of giving empty epochs forever."""
 
-    def __init__(self, max_skip_ratio: float, min_seen: int = 10) -> None:
+    def __init__(self, max_skip_ratio: float, shards: list[str], min_seen: int = 10) -> None:
         self.skipped = 0
         self.good = 0
         self.max_skip_ratio = max_skip_ratio
+        self.shards = shards
         self.min_seen = min_seen
+        self.bad_shards: dict[str, None] = {}  # names of the shards skipped items came from, in order
+        self.first_problem: str | None = None
 
     def shard_error(self, exn: Exception) -> bool:
         """webdataset handler for a truncated, missing or unreadable shard: count it and go on."""
-        self._skip(f"shard error: {exn}")
+        shard = next((s for s in self.shards if any(s in str(arg) for arg in exn.args)), None)
+        reason = exn.strerror if isinstance(exn, OSError) and exn.strerror else (exn.args or [exn])[0]
+        self._skip(f"shard {Path(shard).name if shard else '?'}: {type(exn).__name__}: {reason}", shard)
         return True
 
-    def _skip(self, what: str) -> None:
+    def _skip(self, what: str, shard: str | None) -> None:
         self.skipped += 1
         log.warning("data: skipped %s", what)
+        self.first_problem = self.first_problem or what
+        if shard:
+            self.bad_shards[Path(shard).name] = None
+        self._check(end_of_pass=False)
+
+    def _check(self, end_of_pass: bool) -> None:
         seen = self.skipped + self.good
-        if seen >= self.min_seen and self.skipped / seen > self.max_skip_ratio:
+        if seen and (end_of_pass or seen >= self.min_seen) and self.skipped / seen > self.max_skip_ratio:
+            folder = Path(self.shards[0]).parent
             raise DataSkipError(
-                f"{self.skipped} of {seen} samples/shards could not be used (data.max_skip_ratio="
-                f"{self.max_skip_ratio}); check the shards with `python -m data_tools verify output=...`"
+                f"{self.skipped} of {seen} samples read could not be used (more than data.max_skip_ratio="
+                f"{self.max_skip_ratio}), from {few(list(self.bad_shards))} in {folder}; the first: "
+                f"{self.first_problem}; check the shards with `python -m data_tools verify output={folder.parent}` "
+                "and prepare them again"
             )
 
     def __call__(self, source: Iterator[dict]) -> Iterator[dict]:
@@ -78,7 +81,7 @@ class _Validated:
             try:
                 sample = from_members(raw)
             except SchemaError as err:
-                self._skip(str(err))
+                self._skip(str(err), raw.get("__url__"))
                 continue
             self.good += 1
             t = sample.tensors
@@ -95,6 +98,7 @@ class _Validated:
                 "num_frames": sample.meta["num_frames"],
                 "data_skipped": self.skipped,
             }
+        self._check(end_of_pass=True)
 
 
 def _bucketed(batch_size: int):
@@ -140,36 +144,22 @@ def collate(samples: list[dict]) -> dict:
 
 
 class WdsDataModule(L.LightningDataModule):
-    """Streams ``<path>/shards/*.tar`` (split by node and worker) into bucketed batches."""
+    """Streams the shard files (``<path>/shards/*.tar``, split by node and worker) into bucketed batches."""
 
-    def __init__(self, config: DataConfig, seed: int = 0, handoff: str = "pixel") -> None:
+    def __init__(self, config: DataConfig, shards: list[str], seed: int = 0) -> None:
         super().__init__()
         self.config = config
+        self.shards = shards
         self.seed = seed
-        self.handoff = handoff  # which conditioning members the run reads: cond.m<m> (pixel), motion.n<n> (latent)
         self._skip_batches = 0  # set on resume: batches of the interrupted epoch already trained on
-
-    def urls(self) -> list[str]:
-        index = read_index(self.config.path)
-        if not index["shards"]:
-            raise ValueError(f"{self.config.path} holds no shard (index.json lists none)")
-        check_shards_handoff(index, self.config, self.handoff)
-        missing = sorted(set(self.config.motion_frames) - set(index["motion_frames"]))
-        if self.handoff == "pixel" and missing:
-            raise ValueError(
-                f"the shards in {self.config.path} hold conditioning for motion frames {index['motion_frames']}, "
-                f"not {missing}: prepare them with motion_frames={sorted(set(index['motion_frames']) | set(missing))}"
-            )
-        return [str(Path(self.config.path).expanduser() / "shards" / s["name"]) for s in index["shards"]]
 
     def pipeline(self) -> wds.DataPipeline:
         c = self.config
-        urls = self.urls()
-        validated = self.validated = _Validated(c.max_skip_ratio)  # its counts, for num_workers=0
+        validated = self.validated = _Validated(c.max_skip_ratio, self.shards)  # its counts, for num_workers=0
         shards = (
-            [wds.ResampledShards(urls, seed=self.seed, deterministic=True)]  # per rank and worker: resumable
+            [wds.ResampledShards(self.shards, seed=self.seed, deterministic=True)]  # per rank and worker: resumable
             if c.resampled
-            else [wds.SimpleShardList(urls), wds.split_by_node]
+            else [wds.SimpleShardList(self.shards), wds.split_by_node]
         )
         return wds.DataPipeline(
             *shards,
@@ -193,28 +183,13 @@ class WdsDataModule(L.LightningDataModule):
         self._skip_batches = int(state.get("batches_into_epoch", 0))
 
 
-def check_shards_handoff(index: dict, config: DataConfig, handoff: str) -> None:
-    """The shards must hold the conditioning members the run's hand-off reads (shards from before the latent
-    hand-off existed have no ``handoff`` entry: they are pixel ones)."""
-    prepared = index.get("handoff", "pixel")
-    if prepared != handoff:
-        raise ValueError(
-            f"variant.handoff={handoff}, but the shards in {config.path} were prepared with handoff={prepared}: "
-            f"prepare them with `python -m data_tools prepare handoff={handoff} ...` (or train with "
-            f"variant.handoff={prepared})"
-        )
-    if handoff == "latent":
-        missing = sorted(set(config.motion_latents) - {0} - set(index.get("motion_latents", [])))
-        if missing:
-            raise ValueError(
-                f"the shards in {config.path} hold motion latents {index.get('motion_latents', [])}, not {missing}: "
-                f"prepare them with motion_latents={sorted(set(index.get('motion_latents', [])) | set(missing))}"
-            )
-
-
 class _ResumableLoader:
     """Iterates the loader; the first iteration after a resume skips the batches already trained on.
-    The stream's order is the same every epoch (seeded shuffle), so skipping lands on the exact next batch."""
+    The stream's order is the same every epoch (seeded shuffle), so skipping lands on the exact next batch.
+
+    A pass that gives no batch at all is refused: Lightning would start the next empty epoch, and the next, and
+    the run would print nothing forever.
+    """
 
     def __init__(self, loader: wds.WebLoader, owner: WdsDataModule) -> None:
         self.loader, self.owner = loader, owner
@@ -222,9 +197,17 @@ class _ResumableLoader:
     def __iter__(self) -> Iterator[dict]:
         iterator = iter(self.loader)
         skip, self.owner._skip_batches = self.owner._skip_batches, 0
-        for _ in range(skip):
-            next(iterator, None)
-        yield from iterator
+        batches = sum(next(iterator, None) is not None for _ in range(skip))
+        for batch in iterator:
+            batches += 1
+            yield batch
+        if not batches:
+            c = self.owner.config
+            raise UserError(
+                f"a pass over the {len(self.owner.shards)} shards in {Path(self.owner.shards[0]).parent} gave this "
+                f"process no batch of data.batch_size={c.batch_size} samples of one shape: lower data.batch_size or "
+                "prepare more samples (with more ranks than shards: data.resampled=true)"
+            )
 
 
 def choose_cond(

@@ -25,26 +25,18 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from diffusers import WanImageToVideoPipeline
-from peft import LoraConfig
-from safetensors.torch import load_file, save_file
-from torch import Tensor
-
-from svi_infer.adapters import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    SVI_META,
-    AdapterError,
-    is_pose_key,
-    original_module_name,
-)
+from svi_infer.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SVI_META, AdapterError
 from svi_infer.atomic import atomic_dir, atomic_path
+from svi_infer.errors import USER_ERRORS, exit_with
 from svi_infer.spec import HIGH_NOISE, LOW_NOISE
+from svi_train.checkpoints import check_checkpoint
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 FORMATS = ("peft", "diffusers", "comfyui")
 CHECKPOINT_KEY = "svi_adapter"  # what SVILitModule stores in its checkpoints beside the weights
@@ -58,10 +50,12 @@ def _alpha_for(name: str, config: dict) -> float:
     return float(config["lora_alpha"])
 
 
-Adapter = tuple[dict[str, Tensor], dict, dict]  # weights with peft keys, LoraConfig dict, svi.json dict
+Adapter = tuple[dict[str, "Tensor"], dict, dict]  # weights with peft keys, LoraConfig dict, svi.json dict
 
 
 def _read_directory(source: Path) -> Adapter:
+    from safetensors.torch import load_file
+
     weights = load_file(str(source / ADAPTER_WEIGHTS))
     config = json.loads((source / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     meta = json.loads((source / SVI_META).read_text(encoding="utf-8"))
@@ -72,6 +66,12 @@ def read_adapters(source: str | Path) -> dict[str | None, Adapter]:
     """The adapters of an adapter dir, a per-expert (split) adapter dir or a checkpoint, by the expert each is for
     (None: a one-expert base, or a LoRA shared by both experts)."""
     source = Path(source).expanduser()
+    if not source.is_dir():  # a missing file, a png or a truncated .ckpt is named before torch loads
+        check_checkpoint(source, "SOURCE (an adapter directory or a checkpoint)")
+    import torch  # torch, safetensors, peft and diffusers load only once SOURCE is known good: seconds saved
+
+    from svi_infer.adapters import is_pose_key
+
     if source.is_dir() and (source / ADAPTER_WEIGHTS).is_file():
         adapter = _read_directory(source)
         return {adapter[2].get("expert"): adapter}
@@ -84,10 +84,8 @@ def read_adapters(source: str | Path) -> dict[str | None, Adapter]:
         with tempfile.TemporaryDirectory() as tmp:
             convert_zero_checkpoint_to_fp32_state_dict(str(source), f"{tmp}/consolidated.ckpt")
             checkpoint = torch.load(f"{tmp}/consolidated.ckpt", map_location="cpu", weights_only=True)
-    elif source.is_file():
-        checkpoint = torch.load(source, map_location="cpu", weights_only=True)
     else:
-        raise AdapterError(f"{source} does not exist")
+        checkpoint = torch.load(source, map_location="cpu", weights_only=True)
     if CHECKPOINT_KEY not in checkpoint:
         raise AdapterError(f"{source} is not a checkpoint written by svi_train (no {CHECKPOINT_KEY!r} entry)")
     info = checkpoint[CHECKPOINT_KEY]
@@ -117,6 +115,10 @@ def split_output(output: Path, fmt: str, expert: str | None) -> Path:
 def to_comfyui(weights: dict[str, Tensor], config: dict) -> dict[str, Tensor]:
     """``diffusion_model.<original name>.lora_A/lora_B.weight`` + ``.alpha`` per module; pose encoder weights
     keep their ``dwpose_embedding.*`` names."""
+    import torch
+
+    from svi_infer.adapters import is_pose_key, original_module_name
+
     out: dict[str, Tensor] = {}
     for key, value in weights.items():
         if is_pose_key(key):
@@ -140,21 +142,33 @@ def export(source: str | Path, fmt: str, output: str | Path) -> list[Path]:
 
 
 def _write(weights: dict[str, Tensor], config: dict, meta: dict, fmt: str, output: Path) -> Path:
+    from safetensors.torch import load, save_file
+
+    from svi_infer.adapter_files import DIFFUSERS_WEIGHTS, SVI_FILE_METADATA, file_metadata
+
     weights = {k: v.detach().contiguous() for k, v in weights.items()}
+    # the single files carry svi.json's record (the base they were made for) in their metadata, for svi_infer
+    record = {SVI_FILE_METADATA: json.dumps(meta)}
     if fmt == "comfyui":
         with atomic_path(output) as tmp:
-            save_file(to_comfyui(weights, config), str(tmp), metadata={"svi": json.dumps(meta)})
+            save_file(to_comfyui(weights, config), str(tmp), metadata=record)
         return output
     with atomic_dir(output) as tmp:
         if fmt == "peft":
+            from peft import LoraConfig
+
             save_file(weights, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
             LoraConfig(**{k: v for k, v in config.items() if k in LoraConfig.__dataclass_fields__}).save_pretrained(
                 str(tmp)
             )
         else:
+            from diffusers import WanImageToVideoPipeline
+
             WanImageToVideoPipeline.save_lora_weights(
                 str(tmp), transformer_lora_layers=weights, transformer_lora_adapter_metadata=config
             )
+            file = tmp / DIFFUSERS_WEIGHTS  # diffusers takes no extra metadata: re-save it with ours beside its own
+            save_file(load(file.read_bytes()), str(file), metadata={**file_metadata(file), **record})
         (tmp / SVI_META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return output
 
@@ -167,9 +181,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         paths = export(args.source, args.format, args.output)
-    except (AdapterError, ValueError, FileNotFoundError) as err:
-        print(f"svi_train.export: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    except USER_ERRORS as err:
+        exit_with("svi_train.export", err, 2)
     for path in paths:
         print(f"{args.format}: {path}")
 

@@ -18,7 +18,6 @@ from peft import LoraConfig
 from svi_infer.adapters import AdapterMeta
 from svi_infer.atomic import write_with
 from svi_infer.conditioning import (
-    HANDOFFS,
     MASK_CHANNELS,
     first_frames_mask,
     held_timesteps,
@@ -35,6 +34,7 @@ from svi_infer.talk import set_audio
 from svi_train.config import ConditioningSettings, ExpertSettings, LoraSettings, OptimSettings
 from svi_train.data import choose_cond
 from svi_train.export import CHECKPOINT_KEY
+from svi_train.plan import check_spec_handoff
 from svi_train.recycling import (
     Errors,
     RecyclingConfig,
@@ -508,18 +508,6 @@ class SVILitModule(L.LightningModule):
         )
         recycling = dict(checkpoint.get("svi_recycling") or {}, generator=None)
         return {"svi_rng": None, "svi_recycling": recycling}
-
-
-def check_spec_handoff(spec: ModelSpec, handoff: str) -> str:
-    """``variant.handoff`` for training; TI2V-5B has no y channels, so only the latent hand-off fits it."""
-    if handoff not in HANDOFFS:
-        raise ValueError(f"variant.handoff must be one of {HANDOFFS}, got {handoff!r}")
-    if handoff == "pixel" and not spec.conditioning_by_concat:
-        raise ValueError(
-            f"{spec.id} conditions by replacing its first latent frames (no y channels): train it with "
-            "variant.handoff=latent (+experiment=wan22_5b) on shards prepared with handoff=latent"
-        )
-    return handoff
 
 
 def tie_lora(follower: torch.nn.Module, leader: torch.nn.Module, adapter_name: str) -> int:

@@ -1,39 +1,28 @@
-"""From a composed ``conf/train.yaml`` to a trained, exported adapter."""
+"""From a composed ``conf/train.yaml`` (checked by :mod:`svi_train.plan`) to a trained, exported adapter."""
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
+from svi_infer.atomic import write_with
 from svi_infer.generate import GenerationSettings
-from svi_infer.spec import ModelSpec, get_spec
-from svi_train.callbacks import AdapterExport, RolloutPreview
-from svi_train.config import (
-    CallbackSettings,
-    ConditioningSettings,
-    ExpertSettings,
-    LoggerSettings,
-    LoraSettings,
-    OptimSettings,
-    TrainerSettings,
-)
-from svi_train.data import DataConfig, WdsDataModule, check_shards_handoff, read_index
-from svi_train.module import SVILitModule, check_spec_handoff
-from svi_train.recycling import RecyclingConfig
+from svi_infer.spec import ModelSpec
+from svi_train.callbacks import AdapterExport, RolloutPreview, StepProgress
+from svi_train.checkpoints import CHECKPOINT_DIR
+from svi_train.config import CallbackSettings, ConditioningSettings, LoggerSettings
+from svi_train.data import WdsDataModule
+from svi_train.module import SVILitModule
+from svi_train.plan import TrainPlan, plan
 from svi_train.strategies import make_strategy
 from svi_train.variants import check_kind
-
-
-def _typed(cls, node):
-    """A frozen dataclass from a config node (lists become tuples)."""
-    values = OmegaConf.to_container(node, resolve=True)
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 def make_logger(settings: LoggerSettings, run_dir: Path, name: str):
@@ -51,10 +40,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Write checkpoints to a temporary file and rename: a kill or a full disk leaves the previous one intact."""
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        super().save_checkpoint(checkpoint, tmp, storage_options)
-        os.replace(tmp, path)
+        save = super().save_checkpoint
+        write_with(path, lambda tmp: save(checkpoint, tmp, storage_options))
 
 
 def _check_variant(
@@ -92,51 +79,38 @@ def _check_variant(
 
 
 def run(cfg: DictConfig) -> Path:
-    """Train; returns the final adapter directory."""
-    spec = get_spec(cfg.model.spec)
-    if cfg.model.path is None and not spec.tiny:
-        raise ValueError(f"model.path is required for {spec.id} (or train the tiny model: +experiment=tiny)")
-    trainer_cfg = _typed(TrainerSettings, cfg.trainer)
-    experts = _typed(ExpertSettings, cfg.experts)
-    trained = experts.trained(spec.experts)
-    if experts.offload_idle and (trainer_cfg.strategy != "auto" or str(trainer_cfg.devices) != "1"):
-        raise ValueError(
-            "experts.offload_idle moves the idle expert between devices, which works on one device only: use it "
-            f"with trainer.strategy=auto trainer.devices=1 (got {trainer_cfg.strategy}, devices={trainer_cfg.devices})"
-        )
-    handoff = check_spec_handoff(spec, cfg.variant.get("handoff", "pixel"))
-    data = _typed(DataConfig, cfg.data)
-    index = read_index(data.path)
-    if index["spec"] != spec.id and not (get_spec(index["spec"]).family == spec.family):
-        raise ValueError(f"the shards in {data.path} were encoded for {index['spec']}, not {spec.id}")
-    run_dir = Path(cfg.output_dir)
-    callbacks_cfg = _typed(CallbackSettings, cfg.callbacks)
+    """Check, then train; returns the final adapter directory."""
+    return train(plan(cfg))
+
+
+def train(checked: TrainPlan) -> Path:
+    """Train from a checked plan; returns the final adapter directory."""
+    cfg, spec, data, index, run_dir = checked.cfg, checked.spec, checked.data, checked.index, checked.run_dir
+    trainer_cfg, callbacks_cfg = checked.trainer, checked.callbacks
     variant = OmegaConf.to_container(cfg.variant, resolve=True)
-    conditioning = _typed(ConditioningSettings, cfg.conditioning)
-    multitalk = _check_variant(cfg, spec, variant, conditioning, index, callbacks_cfg)
-    check_shards_handoff(index, data, handoff)  # before the model is built
+    multitalk = _check_variant(cfg, spec, variant, checked.conditioning, index, callbacks_cfg)
     L.seed_everything(cfg.seed, workers=True)
     module = SVILitModule(
         spec,
         cfg.model.path,
-        _typed(LoraSettings, cfg.lora),
-        _typed(RecyclingConfig, cfg.recycling),
-        _typed(OptimSettings, cfg.optim),
+        checked.lora,
+        checked.recycling,
+        checked.optim,
         motion_frames=data.motion_frames,
         p_more_motion=data.p_more_motion,
         variant_defaults=variant,
         seed=cfg.seed,
         save_banks=callbacks_cfg.save_banks,
-        conditioning=conditioning,
+        conditioning=checked.conditioning,
         multitalk=multitalk,
-        experts=experts,
+        experts=checked.experts,
         motion_latents=data.motion_latents,
     )
     export = AdapterExport(run_dir / "adapters", callbacks_cfg.export_every_n_steps)
     callbacks = [
         export,
         ModelCheckpoint(
-            dirpath=run_dir / "checkpoints",
+            dirpath=run_dir / CHECKPOINT_DIR,
             filename="step{step:09d}",  # no '=' in the name: it can be passed as a Hydra override unquoted
             auto_insert_metric_name=False,
             every_n_train_steps=trainer_cfg.checkpoint_every_n_steps,
@@ -144,16 +118,11 @@ def run(cfg: DictConfig) -> Path:
             save_top_k=-1,
         ),
     ]
-    logger = make_logger(_typed(LoggerSettings, cfg.logger), run_dir, cfg.run_name)
+    logger = make_logger(checked.logger, run_dir, cfg.run_name)
     if logger:
         callbacks.append(LearningRateMonitor(logging_interval="step"))  # logged as lr-AdamW
-    if trainer_cfg.enable_progress_bar:
-        callbacks.append(RichProgressBar())
-    if callbacks_cfg.preview_every_n_steps and trainer_cfg.strategy in ("deepspeed_z3", "fsdp"):
-        raise ValueError(
-            f"callbacks.preview_every_n_steps: previews run the DiT on rank 0 alone, which trainer.strategy="
-            f"{trainer_cfg.strategy} shards across ranks (it hangs or fails); set callbacks.preview_every_n_steps=0"
-        )
+    live = trainer_cfg.enable_progress_bar and sys.stdout.isatty()
+    callbacks.append(StepProgress(trainer_cfg.log_every_n_steps, live=live))
     if callbacks_cfg.preview_every_n_steps:
         frames = callbacks_cfg.preview_frames or index["frames_per_clip"]
         settings = GenerationSettings(
@@ -183,18 +152,19 @@ def run(cfg: DictConfig) -> Path:
             trainer_cfg.strategy,
             trainer_cfg.accelerator,
             offload=trainer_cfg.offload,
-            unused_parameters=len(trained) > 1 and not experts.shared_lora,  # one expert's LoRA idles each step
+            # one expert's LoRA idles each step
+            unused_parameters=len(checked.trained) > 1 and not checked.experts.shared_lora,
         ),
         precision=trainer_cfg.precision,
         max_steps=trainer_cfg.max_steps,
         gradient_clip_val=trainer_cfg.gradient_clip_val,
         accumulate_grad_batches=trainer_cfg.accumulate_grad_batches,
         log_every_n_steps=trainer_cfg.log_every_n_steps,
-        enable_progress_bar=trainer_cfg.enable_progress_bar,
+        enable_progress_bar=False,  # StepProgress: Lightning's bars count epochs of an endless stream
         callbacks=callbacks,
         logger=logger,
         plugins=[] if trainer_cfg.strategy.startswith("deepspeed") else [AtomicCheckpointIO()],
         default_root_dir=str(run_dir),
     )
-    trainer.fit(module, datamodule=WdsDataModule(data, seed=cfg.seed, handoff=handoff), ckpt_path=cfg.resume)
+    trainer.fit(module, datamodule=WdsDataModule(data, checked.shards, seed=cfg.seed), ckpt_path=checked.resume)
     return run_dir / "adapters" / "final"

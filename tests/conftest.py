@@ -125,7 +125,10 @@ def log_tail(log: Path, lines: int = 40) -> str:
 
 
 def compose_infer(overrides: list[str]):
-    """``conf/infer.yaml`` composed as ``python -m svi_infer <overrides>`` would."""
+    """``conf/infer.yaml`` composed as ``python -m svi_infer <overrides>`` would (with its schema)."""
+    from svi_infer.config import register
+
+    register()
     with initialize_config_module("conf", version_base="1.3"):
         return compose("infer", overrides=overrides)
 

@@ -1,4 +1,7 @@
-"""Faults during training: bad shards and samples are skipped and counted; non-finite losses are skipped."""
+"""Faults during training: bad shards and samples are skipped and counted; non-finite losses are skipped.
+
+(A shard missing at start is refused before training: tests/test_train_errors.py. Here shards break mid-run: the
+data module gets the list as it stood when the run started.)"""
 
 import io
 import json
@@ -35,9 +38,14 @@ def _bad_copy(shards, tmp_path):
     return out, index["samples"]
 
 
+def _listed(path):
+    """Every shard file index.json lists, present or not."""
+    return [str(path / "shards" / s["name"]) for s in json.loads((path / "index.json").read_text())["shards"]]
+
+
 def test_bad_shards_and_samples_are_skipped_and_counted(shards, tmp_path):
     path, good = _bad_copy(shards, tmp_path)
-    data = WdsDataModule(DataConfig(path=str(path), shuffle_buffer=0, max_skip_ratio=0.9))
+    data = WdsDataModule(DataConfig(path=str(path), shuffle_buffer=0, max_skip_ratio=0.9), _listed(path))
     batches = list(data.train_dataloader())
     assert len(batches) >= good  # every good sample arrives (the truncated shard may yield its intact head too)
     assert data.validated.skipped >= 3  # truncated shard, missing shard, pickle member
@@ -46,7 +54,7 @@ def test_bad_shards_and_samples_are_skipped_and_counted(shards, tmp_path):
 
 def test_too_many_skips_stop_the_run_with_a_message(shards, tmp_path):
     path, _ = _bad_copy(shards, tmp_path)
-    data = WdsDataModule(DataConfig(path=str(path), shuffle_buffer=0, max_skip_ratio=0.01))
+    data = WdsDataModule(DataConfig(path=str(path), shuffle_buffer=0, max_skip_ratio=0.01), _listed(path))
     with pytest.raises(DataSkipError, match="max_skip_ratio"):
         list(data.train_dataloader())
 

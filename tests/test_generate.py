@@ -34,7 +34,8 @@ def test_three_clips_each_mode(tiny21, first_frame, tmp_path, mode):
     assert frames.shape == (expected, 48, 80, 3)
     sidecar = json.loads(result.sidecar.read_text())
     assert sidecar["complete"] and sidecar["frames"] == expected
-    assert [c["seed"] for c in sidecar["clips"]] == [0, 42, 84]
+    assert [c["seed"] for c in sidecar["clips"]] == [42, 43, 44]  # seed_policy=increment: seed + k
+    assert sidecar["settings"]["seed_policy"] == "increment"
     assert [c["prompt"] for c in sidecar["clips"]] == ["a boat", "the sea", "a boat"]
     assert [c["frames"] for c in sidecar["clips"]] == [[0, 13], [13, 26 - overlap], [26 - overlap, expected]]
     assert sidecar["settings"]["handoff"] == mode["handoff"]
@@ -118,7 +119,7 @@ def test_random_seeds_are_recorded(tiny21, first_frame, tmp_path):
         (dict(height=50), "multiple of 16"),
         (dict(handoff="latent", num_motion_latents=3), "num_motion_latents"),
         (dict(handoff="vae"), "handoff"),
-        (dict(seed=0), "same noise"),
+        (dict(seed=0, seed_policy="multiply"), "same noise"),
     ],
 )
 def test_bad_settings_are_refused(tiny21, bad, message):
