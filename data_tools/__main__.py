@@ -12,7 +12,7 @@ import hydra
 from omegaconf import DictConfig
 
 from data_tools.config import COMMANDS  # (importing it registers the schema conf/data.yaml extends)
-from svi_infer.errors import USER_ERRORS, exit_with
+from svi_infer.errors import USER_ERRORS, exit_with, run_hydra_app
 
 
 @hydra.main(version_base="1.3", config_path="pkg://conf", config_name="data")
@@ -31,7 +31,7 @@ def entry() -> None:
     """Turn a leading ``prepare`` / ``scan`` / ... into the ``command=`` override Hydra understands."""
     if len(sys.argv) > 1 and sys.argv[1] in COMMANDS:
         sys.argv[1] = f"command={sys.argv[1]}"
-    main()
+    run_hydra_app(main, "data_tools", "conf/data.yaml")
 
 
 if __name__ == "__main__":

@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
 
-from data_tools.config import COMMANDS, AugmentSettings
+from data_tools.config import COMMANDS, AugmentSettings, DataSettings
 from data_tools.layout import output_paths
 from data_tools.report import Report
 from svi_infer.atomic import atomic_path
+from svi_infer.settings import HANDOFFS, check_frames_per_clip
 from svi_infer.spec import ModelSpec, get_spec
 
 if TYPE_CHECKING:
-    from data_tools.stages import DataSettings
     from svi_infer.audio import AudioEncoder
     from svi_infer.model import WanModel
 
@@ -70,9 +70,7 @@ def _check_writable(output: Path) -> None:
 
 def settings_from(cfg: DictConfig, spec: ModelSpec) -> DataSettings:
     """Checked settings; defaults that depend on the model come from its spec."""
-    from data_tools.stages import DataSettings
     from data_tools.windows import resolve_buckets
-    from svi_infer.conditioning import HANDOFFS, check_frames_per_clip
 
     frames = int(cfg.frames_per_clip or spec.frames_per_clip)  # null: the model's (81; 121 for TI2V-5B)
     check_frames_per_clip(frames, spec.vae_temporal)
@@ -182,6 +180,7 @@ def run(cfg: DictConfig) -> None:
     if cfg.command == "inspect":
         inspect(cfg, output)
         return
+    settings = settings_from(cfg, spec) if cfg.command != "verify" else None
     from data_tools import stages  # the heavy part starts here
 
     if cfg.command == "verify":
@@ -191,7 +190,6 @@ def run(cfg: DictConfig) -> None:
         if problems:
             raise _damaged(output, problems)
         return
-    settings = settings_from(cfg, spec)
     report = Report()
     if root is not None:
         stages.run_scan(root, output, settings, report)

@@ -2,17 +2,21 @@
 the config is composed, before any model loads. Torch-free: ``python -m data_tools`` imports it before anything
 heavy, so ``--help``, ``--cfg job`` and config errors answer at once.
 
-The schema holds the types; the values and their documentation stay in ``conf/data.yaml``.
+The schema holds the types; the values and their documentation stay in ``conf/data.yaml``. :class:`DataSettings`
+is what they become once checked (``data_tools.app.settings_from``), also before anything heavy loads.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from importlib.resources import files
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
+
+if TYPE_CHECKING:
+    from data_tools.encode import EncodeSettings
 
 SCHEMA_NAME = "data_tools_schema"  # conf/data.yaml's first default
 COMMANDS = ("prepare", "scan", "encode", "pack", "verify", "inspect")
@@ -57,6 +61,44 @@ class AugmentSettings:
         settings = cls(**{k: float(v) for k, v in node.items()})
         settings.check()
         return settings
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Everything that decides which samples a run produces (beyond the model)."""
+
+    frames_per_clip: int = 81
+    fps: float = 16.0
+    stride: int = 81
+    short_videos: str = "skip"  # skip | pad
+    buckets: tuple[tuple[int, int], ...] = ((480, 832),)
+    crop: str = "center"  # center | random
+    motion_frames: tuple[int, ...] = (1,)
+    ref_pad_num: int = -1
+    anchor: str = "outside"
+    fallback_caption: str | None = None
+    audio: bool = False
+    pose: bool = False
+    seed: int = 0
+    handoff: str = "pixel"  # pixel | latent (SVI 2.0 Pro)
+    motion_latents: tuple[int, ...] = (1,)
+    augment: AugmentSettings = AugmentSettings()
+    vae_tiling: bool = False
+    vae_tile_size: int = 256
+    vae_tile_stride: int = 192
+
+    def encode_settings(self) -> EncodeSettings:
+        from data_tools.encode import EncodeSettings
+
+        return EncodeSettings(
+            frames_per_clip=self.frames_per_clip,
+            fps=self.fps,
+            motion_frames=self.motion_frames,
+            ref_pad_num=self.ref_pad_num,
+            anchor=self.anchor,
+            handoff=self.handoff,
+            motion_latents=self.motion_latents,
+        )
 
 
 @dataclass

@@ -10,7 +10,7 @@ import re
 import shutil
 import tarfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import decord
@@ -19,9 +19,9 @@ import webdataset as wds
 from tqdm.auto import tqdm
 
 from data_tools.augment import draw_params
-from data_tools.config import AugmentSettings
+from data_tools.config import DataSettings
 from data_tools.decoder import decoding
-from data_tools.encode import EncodeSettings, choose_anchor, encode_window
+from data_tools.encode import choose_anchor, encode_window
 from data_tools.layout import output_paths
 from data_tools.report import Report
 from data_tools.scan import scan
@@ -34,42 +34,6 @@ from svi_infer.schema import SCHEMA_VERSION, Sample, SchemaError, from_members, 
 MANIFEST_VERSION = 1
 # DataSettings fields newer than the first manifests (an older manifest lacks them and means their defaults)
 _ADDED_SETTINGS = ("handoff", "motion_latents", "augment", "vae_tiling", "vae_tile_size", "vae_tile_stride")
-
-
-@dataclass(frozen=True)
-class DataSettings:
-    """Everything that decides which samples a run produces (beyond the model)."""
-
-    frames_per_clip: int = 81
-    fps: float = 16.0
-    stride: int = 81
-    short_videos: str = "skip"  # skip | pad
-    buckets: tuple[tuple[int, int], ...] = ((480, 832),)
-    crop: str = "center"  # center | random
-    motion_frames: tuple[int, ...] = (1,)
-    ref_pad_num: int = -1
-    anchor: str = "outside"
-    fallback_caption: str | None = None
-    audio: bool = False
-    pose: bool = False
-    seed: int = 0
-    handoff: str = "pixel"  # pixel | latent (SVI 2.0 Pro)
-    motion_latents: tuple[int, ...] = (1,)
-    augment: AugmentSettings = AugmentSettings()
-    vae_tiling: bool = False
-    vae_tile_size: int = 256
-    vae_tile_stride: int = 192
-
-    def encode_settings(self) -> EncodeSettings:
-        return EncodeSettings(
-            frames_per_clip=self.frames_per_clip,
-            fps=self.fps,
-            motion_frames=self.motion_frames,
-            ref_pad_num=self.ref_pad_num,
-            anchor=self.anchor,
-            handoff=self.handoff,
-            motion_latents=self.motion_latents,
-        )
 
 
 def _key_stem(source: str) -> str:
