@@ -49,6 +49,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/long_video_memory.py
 	$(BIN)/python bench/data_throughput.py
 	$(BIN)/python bench/recycling_overhead.py
+	$(BIN)/python bench/cli_startup.py
 
 clean:
 	rm -rf outputs demo_out .pytest_cache

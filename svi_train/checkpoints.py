@@ -41,7 +41,7 @@ def check_checkpoint(path: Path, what: str, option: str = "") -> Path:
     """``path`` if it is a readable checkpoint, else a user error naming it and the newest readable one beside it
     (given as ``<option><path>``). ``what`` says where the path came from (``resume=last``, ``SOURCE``)."""
     if not path.exists():
-        raise FileNotFoundError(f"{what}: {path} does not exist")
+        raise FileNotFoundError(f"{what}: {path} does not exist; check the path")
     why = unreadable(path)
     if why is not None:
         previous = previous_checkpoint(path)

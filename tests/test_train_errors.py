@@ -170,7 +170,7 @@ def test_export_of_a_missing_file_a_png_or_a_truncated_checkpoint(tmp_path, imag
     output = tmp_path / "out.safetensors"
     source = "svi_train.export: error: SOURCE (an adapter directory or a checkpoint)"
     for path, message in (
-        (tmp_path / "no.ckpt", f"{source}: {tmp_path / 'no.ckpt'} does not exist"),
+        (tmp_path / "no.ckpt", f"{source}: {tmp_path / 'no.ckpt'} does not exist; check the path"),
         (image_file, f"{source}: {image_file} is not a readable checkpoint (truncated, or not a checkpoint)"),
         (
             folder / "last.ckpt",
