@@ -7,7 +7,9 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -122,6 +124,34 @@ def run_logged(
 
 def log_tail(log: Path, lines: int = 40) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
+# What a CLI must not import before it has read its arguments and checked its inputs (seconds of start-up each)
+HEAVY = frozenset(
+    {"torch", "diffusers", "transformers", "peft", "lightning", "pytorch_lightning", "deepspeed", "webdataset"}
+    | {"decord", "onnxruntime"}
+)
+
+
+@dataclass(frozen=True)
+class CliRun:
+    """One CLI run under ``python -X importtime``."""
+
+    code: int
+    stdout: str
+    stderr: list[str]  # its lines, without the import times
+    imported: frozenset[str]  # the top-level packages it imported
+
+
+def run_cli(module: str, *args: str, cwd: Path) -> CliRun:
+    """``python -X importtime -m <module> <args>`` in ``cwd``: what it printed and which packages it imported."""
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", module, *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
+    lines = done.stderr.splitlines()
+    times = [line for line in lines if line.startswith("import time:")]
+    imported = frozenset(line.rsplit("|", 1)[-1].strip().split(".")[0] for line in times)
+    return CliRun(done.returncode, done.stdout, [line for line in lines if line not in times], imported)
 
 
 def compose_infer(overrides: list[str]):

@@ -7,7 +7,6 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import decord
@@ -28,10 +27,10 @@ from data_tools.report import Report
 from data_tools.scan import scan
 from data_tools.synthetic import write_clip
 from data_tools.windows import crop_resize, read_frames
+from tests.conftest import HEAVY, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["frames_per_clip=9", "buckets=[[48,80]]", "progress=false"]
-HEAVY = ("torch", "diffusers", "transformers", "webdataset", "decord", "peft", "lightning", "deepspeed", "onnxruntime")
 
 
 def compose_data(overrides: list[str]):
@@ -277,15 +276,6 @@ def test_the_schema_keeps_the_yaml_values():
 
 
 # -- 5 and 7. --help shows data_tools' own keys; mistakes are answered before torch loads ----------------------------
-def _importtime(args: list[str]) -> tuple[subprocess.CompletedProcess, set[str], list[str]]:
-    done = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", *args], capture_output=True, text=True, cwd=REPO, timeout=120
-    )
-    lines = done.stderr.splitlines()
-    modules = {line.rsplit("|", 1)[1].strip() for line in lines if line.startswith("import time:")}
-    return done, modules, [line for line in lines if not line.startswith("import time:")]
-
-
 @pytest.mark.parametrize(
     ("args", "code", "expect"),
     [
@@ -311,14 +301,15 @@ def _importtime(args: list[str]) -> tuple[subprocess.CompletedProcess, set[str],
     ],
 )
 def test_cli_answers_before_heavy_imports(args, code, expect):
-    done, modules, stderr = _importtime(args)
-    assert done.returncode == code, done.stderr[-2000:]
-    assert expect in done.stdout + "\n".join(stderr)
-    assert not modules & set(HEAVY), sorted(modules & set(HEAVY))
+    run = run_cli(args[0], *args[1:], cwd=REPO)
+    stderr = run.stderr
+    assert run.code == code, stderr[-20:]
+    assert expect in run.stdout + "\n".join(stderr)
+    assert not run.imported & HEAVY, sorted(run.imported & HEAVY)
     assert not [line for line in stderr if "Traceback" in line]
     if args[-1] == "--help" and args[0] == "data_tools":
-        assert not re.search(r"^(lora|recycling|trainer|optim|logger|callbacks|experiment|data):", done.stdout, re.M)
-        assert "tiny_wan21_i2v" in done.stdout and "max_skip_ratio" in done.stdout
+        assert not re.search(r"^(lora|recycling|trainer|optim|logger|callbacks|experiment|data):", run.stdout, re.M)
+        assert "tiny_wan21_i2v" in run.stdout and "max_skip_ratio" in run.stdout
     if code == 2:  # one line, the whole message
         assert len(stderr) == 1 and stderr[0].startswith("data_tools: error: ") and stderr[0].endswith(expect), stderr
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,27 +19,16 @@ from svi_infer.model import build_model
 from svi_infer.spec import get_spec
 from svi_infer.video_io import read_video
 from svi_train.export import export
-from tests.conftest import TINY21, TINY22, compose_infer
+from tests.conftest import HEAVY, TINY21, TINY22, compose_infer, run_cli
 from tests.test_generate import _interrupt_at
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAVY = {"torch", "diffusers", "transformers"}
 TINY = ["model=tiny_wan21_i2v", "frames_per_clip=5", "height=48", "width=80", "variant.steps=1", "progress=false"]
 
 
-def _cli(args: list[str], cwd: Path, module: str = "svi_infer") -> tuple[int, list[str], str, set[str]]:
-    """Run ``python -X importtime -m <module> <args>``: exit status, stderr lines (import times removed), stdout,
-    and the top-level packages imported."""
-    done = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", module, *args], capture_output=True, text=True, cwd=cwd
-    )
-    imported, lines = set(), []
-    for line in done.stderr.splitlines():
-        if line.startswith("import time:"):
-            imported.add(line.rsplit("|", 1)[1].strip().split(".")[0])
-        else:
-            lines.append(line)
-    return done.returncode, lines, done.stdout, imported
+def _cli(args: list[str], cwd: Path, module: str = "svi_infer") -> tuple[int, list[str], str, frozenset[str]]:
+    run = run_cli(module, *args, cwd=cwd)
+    return run.code, run.stderr, run.stdout, run.imported
 
 
 def _files(folder: Path) -> set[str]:

@@ -6,8 +6,6 @@ import io
 import json
 import re
 import shutil
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -19,21 +17,13 @@ from svi_train.__main__ import train_or_exit
 from svi_train.data import DataSkipError, WdsDataModule
 from svi_train.module import SVILitModule
 from svi_train.plan import plan
+from tests.conftest import HEAVY, run_cli
 from tests.test_train import _train, compose_train
 
-HEAVY = {"torch", "lightning", "pytorch_lightning", "diffusers", "deepspeed"}
-IMPORT_LINE = "import time:"
 
-
-def _cli(module: str, *args: str, cwd: Path) -> tuple[int, str, list[str], set[str]]:
-    """Run ``python -X importtime -m module args``: exit status, stdout, the other stderr lines, and the top-level
-    packages it imported."""
-    done = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", module, *args], capture_output=True, text=True, cwd=cwd, timeout=120
-    )
-    lines = done.stderr.splitlines()
-    imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in lines if line.startswith(IMPORT_LINE)}
-    return done.returncode, done.stdout, [line for line in lines if not line.startswith(IMPORT_LINE)], imported
+def _cli(module: str, *args: str, cwd: Path) -> tuple[int, str, list[str], frozenset[str]]:
+    run = run_cli(module, *args, cwd=cwd)
+    return run.code, run.stdout, run.stderr, run.imported
 
 
 def _train_cli(*args: str, cwd: Path) -> tuple[int, str, list[str], set[str]]:
