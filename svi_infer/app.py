@@ -175,7 +175,7 @@ def plan(cfg: DictConfig) -> Plan:
     """Validate the request: model, output, adapters, settings, image, prompts, audio and pose. Imports no torch."""
     spec = get_spec(cfg.model.spec)
     model_path = cfg.model.path
-    if model_path is None and not spec.tiny:
+    if model_path is None and spec.needs_path:
         raise ValueError(
             f"model.path is required for {spec.id}: the local folder with its weights in diffusers layout "
             "(or choose a tiny model, e.g. model=tiny_wan21_i2v)"

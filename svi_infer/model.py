@@ -259,6 +259,17 @@ def load_pipeline(
     )
 
 
+def bundled_folder(spec: ModelSpec) -> Path:
+    """The diffusers-layout folder of a spec's committed weights (``svi_infer/<spec.bundled>``)."""
+    root = Path(__file__).parent / str(spec.bundled)
+    if not (root / "model_index.json").is_file():
+        raise ModelFolderError(
+            f"{spec.id}'s bundled weights are missing from {root}: reinstall the package, or rebuild them (README, "
+            "'The toy world')"
+        )
+    return root
+
+
 def build_model(
     spec: ModelSpec,
     path: str | Path | None = None,
@@ -266,11 +277,14 @@ def build_model(
     dtype: torch.dtype = torch.float32,
     original: OriginalFiles | None = None,
 ) -> WanModel:
-    """Tiny random components when ``path`` is None (tiny specs only), else the folder's weights.
+    """Tiny random components when ``path`` is None (tiny specs; a bundled spec loads its committed folder), else
+    the folder's weights.
 
     ``original`` names components to read from Wan's original files instead (with a tiny spec they replace
     the random ones, which is how that path is tested).
     """
+    if path is None and spec.bundled:
+        path = bundled_folder(spec)
     if path is None:
         pipe = build_tiny_pipeline(spec)
         pipe.register_modules(**_original_components(spec, original or OriginalFiles(), dtype))

@@ -233,7 +233,9 @@ def from_members(members: dict[str, Any]) -> Sample:
 
 
 def padded_text(text: Tensor, length: int = TEXT_LEN) -> Tensor:
-    """``[L, D]`` -> ``[length, D]`` with zeros after the real tokens (what Wan 2.1 I2V expects)."""
+    """``[L, D]`` -> ``[length, D]`` with zeros after the real tokens (what Wan 2.1 I2V expects); longer text is cut
+    to ``length``, as the prompt encoder cuts it."""
+    text = text[:length]
     return torch.cat([text, text.new_zeros(length - text.shape[0], text.shape[1])])
 
 

@@ -50,6 +50,12 @@ class ModelSpec:
     shift: float = 5.0
     cfg_scale: float = 5.0
     tiny: bool = False
+    bundled: str | None = None  # folder under svi_infer/ holding this model's committed, trained weights
+
+    @property
+    def needs_path(self) -> bool:
+        """True where ``model.path`` must be given: not a tiny twin (built in code) nor a bundled model."""
+        return not (self.tiny or self.bundled)
 
     @property
     def has_image_encoder(self) -> bool:
@@ -145,8 +151,31 @@ def _tiny_twin(spec: ModelSpec) -> ModelSpec:
     )
 
 
+# The toy world's base model (data_tools/toy_world.py): a Wan 2.1-style I2V DiT (mask + y concatenated, a small
+# text path, no CLIP branch) and a small Wan VAE, both trained from scratch on the world (svi_infer/toy_model).
+TOY_WAN21_I2V = ModelSpec(
+    "toy-wan2.1-i2v",
+    WAN21_I2V,
+    dim=192,
+    num_layers=4,
+    num_heads=6,
+    in_channels=36,
+    latent_channels=16,
+    text_dim=32,
+    text_len=64,
+    image_dim=None,
+    ffn_dim=768,
+    freq_dim=64,
+    height=64,
+    width=64,
+    frames_per_clip=17,
+    fps=8,
+    steps=20,
+    bundled="toy_model",
+)
+
 _TWINS = {spec.family: _tiny_twin(spec) for spec in reversed(_REAL)}  # 2.1's twin from the 480p spec
-SPECS: dict[str, ModelSpec] = {s.id: s for s in (*_REAL, *_TWINS.values())}
+SPECS: dict[str, ModelSpec] = {s.id: s for s in (*_REAL, *_TWINS.values(), TOY_WAN21_I2V)}
 
 
 def get_spec(spec_id: str) -> ModelSpec:

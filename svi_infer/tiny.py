@@ -25,10 +25,12 @@ TINY_SEED = 20251009
 _WORDS = ["a", "the", "person", "is", "talking", "dancing", "cat", "walks", "boat", "sea", "sky", "camera"]
 
 
-def tiny_tokenizer() -> T5Tokenizer:
-    """A UMT5-like unigram tokenizer with an in-code vocabulary (pad=0, eos=1, ``</s>`` appended)."""
+def tiny_tokenizer(words: tuple[str, ...] = ()) -> T5Tokenizer:
+    """A UMT5-like unigram tokenizer with an in-code vocabulary (pad=0, eos=1, ``</s>`` appended). ``words`` get a
+    piece each (a small model's captions then take a few tokens instead of one per character)."""
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
-    pieces += [(f"\u2581{w}", -2.0) for w in _WORDS] + [("\u2581", -3.0)]
+    extra = [w for w in dict.fromkeys(words) if w not in _WORDS]
+    pieces += [(f"\u2581{w}", -2.0) for w in [*_WORDS, *extra]] + [("\u2581", -3.0)]
     pieces += [(c, -5.0) for c in string.ascii_letters + string.digits + string.punctuation]
     return T5Tokenizer(vocab=pieces, extra_ids=0)
 

@@ -16,7 +16,7 @@ import webdataset as wds
 from torch import Tensor
 
 from svi_infer.errors import UserError
-from svi_infer.schema import SchemaError, from_members, padded_text
+from svi_infer.schema import TEXT_LEN, SchemaError, from_members, padded_text
 from svi_train.config import DataConfig
 from svi_train.shards import few
 
@@ -41,7 +41,8 @@ class _Validated:
     were read, and at the end of every pass over the shards, so a small set of bad samples fails on its first pass
     instead of giving empty epochs forever."""
 
-    def __init__(self, max_skip_ratio: float, shards: list[str], min_seen: int = 10) -> None:
+    def __init__(self, max_skip_ratio: float, shards: list[str], min_seen: int = 10, text_len: int = TEXT_LEN) -> None:
+        self.text_len = text_len  # text padded to the model's length (Wan: 512), as its prompt encoder pads
         self.skipped = 0
         self.good = 0
         self.max_skip_ratio = max_skip_ratio
@@ -91,7 +92,7 @@ class _Validated:
                 "cond": {int(k.removeprefix("cond.m")): v for k, v in t.items() if k.startswith("cond.m")},
                 "anchor": t.get("anchor"),  # latent hand-off: [C, 1, h, w] latent of the anchor image
                 "motion": {int(k.removeprefix("motion.n")): v for k, v in t.items() if k.startswith("motion.n")},
-                "text": padded_text(t["text"]),
+                "text": padded_text(t["text"], self.text_len),
                 "image": t.get("image"),
                 "audio": t.get("audio"),  # Talk: [F, layers, dim] wav2vec2 features, one row per video frame
                 "pose": t.get("pose"),  # Dance: [3, F, H, W] uint8 pose video
@@ -146,16 +147,18 @@ def collate(samples: list[dict]) -> dict:
 class WdsDataModule(L.LightningDataModule):
     """Streams the shard files (``<path>/shards/*.tar``, split by node and worker) into bucketed batches."""
 
-    def __init__(self, config: DataConfig, shards: list[str], seed: int = 0) -> None:
+    def __init__(self, config: DataConfig, shards: list[str], seed: int = 0, text_len: int = TEXT_LEN) -> None:
         super().__init__()
         self.config = config
+        self.text_len = text_len
         self.shards = shards
         self.seed = seed
         self._skip_batches = 0  # set on resume: batches of the interrupted epoch already trained on
 
     def pipeline(self) -> wds.DataPipeline:
         c = self.config
-        validated = self.validated = _Validated(c.max_skip_ratio, self.shards)  # its counts, for num_workers=0
+        # its counts, for num_workers=0
+        validated = self.validated = _Validated(c.max_skip_ratio, self.shards, text_len=self.text_len)
         shards = (
             [wds.ResampledShards(self.shards, seed=self.seed, deterministic=True)]  # per rank and worker: resumable
             if c.resampled

@@ -55,7 +55,7 @@ class TrainPlan:
 def plan(cfg: DictConfig) -> TrainPlan:
     """Type and check ``cfg`` (a composed ``conf/train.yaml``) and the files it names; raises a user error."""
     spec = get_spec(cfg.model.spec)
-    if cfg.model.path is None and not spec.tiny:
+    if cfg.model.path is None and spec.needs_path:
         raise ValueError(f"model.path is required for {spec.id} (or train the tiny model: +experiment=tiny)")
     settings = {group: typed(cfg, group) for group in SCHEMAS}
     experts, trainer = settings["experts"], settings["trainer"]

@@ -166,5 +166,9 @@ def train(checked: TrainPlan) -> Path:
         plugins=[] if trainer_cfg.strategy.startswith("deepspeed") else [AtomicCheckpointIO()],
         default_root_dir=str(run_dir),
     )
-    trainer.fit(module, datamodule=WdsDataModule(data, checked.shards, seed=cfg.seed), ckpt_path=checked.resume)
+    trainer.fit(
+        module,
+        datamodule=WdsDataModule(data, checked.shards, seed=cfg.seed, text_len=spec.text_len),
+        ckpt_path=checked.resume,
+    )
     return run_dir / "adapters" / "final"

@@ -201,3 +201,10 @@ def test_audio_encoder_from_a_local_folder_matches(tmp_path):
     assert torch.equal(picked[0], a[0]) and torch.allclose(picked[1], (a[24] + a[25]) / 2) and torch.all(picked[2] == 0)
     with pytest.raises(FileNotFoundError, match="config.json"):
         AudioEncoder.from_pretrained(tmp_path)
+
+
+def test_text_is_padded_or_cut_to_the_model_text_length():
+    text = torch.arange(70 * 4, dtype=torch.float32).view(70, 4)
+    assert torch.equal(padded_text(text, 64), text[:64])  # cut, as the prompt encoder cuts at max length
+    padded = padded_text(text[:10], 64)
+    assert padded.shape == (64, 4) and torch.equal(padded[:10], text[:10]) and not padded[10:].any()
