@@ -7,7 +7,7 @@ export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export HF_HUB_OFFLINE := 1
 export DS_BUILD_OPS := 0
 
-.PHONY: setup demo test test-fast test-numerics lint fmt bench clean
+.PHONY: setup demo test test-fast test-numerics lint fmt bench toy-model toy-drift clean
 
 # Tests that compare floats (marker `numerics`) run once more on the kernels other x86 CPUs use: AVX2 (CPUs
 # without AVX-512) and the baseline path, with MKL and oneDNN held to the same instruction sets.
@@ -50,6 +50,21 @@ bench: $(STAMP)
 	$(BIN)/python bench/data_throughput.py
 	$(BIN)/python bench/recycling_overhead.py
 	$(BIN)/python bench/cli_startup.py
+
+# The toy world's base model, from scratch (about an hour on 2 cores): world -> VAE -> shards -> DiT. Writes
+# svi_infer/toy_model, the committed weights (README, "The toy world").
+TOY := toy_build
+toy-model: $(STAMP)
+	$(BIN)/python -m data_tools.toy_world $(TOY)/world --videos 48 --seconds 40
+	$(BIN)/python -m svi_train.toy_vae $(TOY)/vae --frames-minutes 12 --clips-minutes 15
+	$(BIN)/python -m svi_train.pretrain init $(TOY)/init --vae $(TOY)/vae --captions $(TOY)/world
+	$(BIN)/python -m data_tools prepare input=$(TOY)/world output=$(TOY)/shards model=toy_wan21_i2v \
+		model.path=$(TOY)/init ref_pad_num=0 stride=16 progress=false
+	$(BIN)/python -m svi_train.pretrain train $(TOY)/shards $(TOY)/init svi_infer/toy_model --minutes 30
+
+# The ablation in the toy world (docs/toy_world.md): base vs plain LoRA vs recycling LoRA, pixel and latent hand-off.
+toy-drift: $(STAMP)
+	$(BIN)/python bench/toy_drift.py --reuse
 
 clean:
 	rm -rf outputs demo_out .pytest_cache
