@@ -191,10 +191,13 @@ def contact_sheet(out: Path, arms: list[str], seed: int, starts: list[int], path
     for row, arm in enumerate(["first frame", *arms]):
         draw.text((4, row * size + size // 2 - 5), arm, fill="black")
         for col, start in enumerate(starts):
+            video = out / "rollouts" / arm / f"s{seed}_{start:06d}.mp4"
             if row == 0:
                 frame = render(make_world(start), 1)[0]
+            elif video.is_file():  # the latent hand-off arms may roll out from fewer starts
+                frame = read_video(video)[-1]
             else:
-                frame = read_video(out / "rollouts" / arm / f"s{seed}_{start:06d}.mp4")[-1]
+                continue
             sheet.paste(Image.fromarray(frame), (label + col * size, row * size))
     sheet.save(path)
 
@@ -205,6 +208,7 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="keep what is already under --out")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--starts", type=int, default=8)
+    parser.add_argument("--pro-starts", type=int, help="starts of the latent hand-off arms (default: --starts)")
     parser.add_argument("--clips", type=int, default=20)
     parser.add_argument("--steps", type=int, default=400, help="LoRA training steps per arm")
     parser.add_argument("--train-videos", type=int, default=24)
@@ -223,10 +227,11 @@ def main() -> None:
     results: dict[str, dict] = {}
     for arm in arms:
         per_seed: dict[int, list[list[dict]]] = {}
+        arm_starts = starts[: args.pro_starts] if arm.startswith("pro") and args.pro_starts else starts
         for seed in seeds:
             adapter = train(out, arm, seed, args.steps)
             rows = []
-            for start in starts:
+            for start in arm_starts:
                 video = rollout(out, arm, seed, start, args.clips, adapter)
                 rows.append(measure(video, start))
             per_seed[seed] = rows
