@@ -1,8 +1,8 @@
 """Pretrain a base image-to-video DiT from scratch: plain flow matching on prepared shards, no LoRA, no recycling.
 
-This is how the toy world's base model is made (README, "The toy world"); it trains any spec's whole transformer
-on the shards of ``python -m data_tools prepare`` (prepared with ``ref_pad_num=0``: y = the first frame's latent
-then zeros, Wan I2V's own conditioning). Two commands:
+This is how the toy world's base model is made (README, "The toy world"); it trains the whole transformer of a
+one-transformer spec without a CLIP branch on the shards of ``python -m data_tools prepare`` (prepared with
+``ref_pad_num=0``: y = the first frame's latent then zeros, Wan I2V's own conditioning). Two commands:
 
     python -m svi_train.pretrain init OUTPUT --spec toy-wan2.1-i2v --vae VAE_FOLDER
         a model folder (diffusers layout) with a seeded random DiT, the spec's tiny text encoder and the given VAE:
