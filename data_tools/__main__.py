@@ -1,4 +1,4 @@
-"""``python -m data_tools <command> key=value ...`` (Hydra over ``conf/data.yaml``).
+"""``python -m data_tools <command> key=value ...`` (Hydra over ``conf/data_tools.yaml``).
 
 Only Hydra and the torch-free schema load before the config is composed: ``--help``, ``--cfg job`` and config
 errors answer at once; torch and the model load only once a command needs them.
@@ -11,11 +11,11 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from data_tools.config import COMMANDS  # (importing it registers the schema conf/data.yaml extends)
+from data_tools.config import COMMANDS  # (importing it registers the schema conf/data_tools.yaml extends)
 from svi_infer.errors import USER_ERRORS, exit_with, run_hydra_app
 
 
-@hydra.main(version_base="1.3", config_path="pkg://conf", config_name="data")
+@hydra.main(version_base="1.3", config_path="pkg://conf", config_name="data_tools")
 def main(cfg: DictConfig) -> None:
     from data_tools.app import DataRunError, run
 
@@ -31,7 +31,7 @@ def entry() -> None:
     """Turn a leading ``prepare`` / ``scan`` / ... into the ``command=`` override Hydra understands."""
     if len(sys.argv) > 1 and sys.argv[1] in COMMANDS:
         sys.argv[1] = f"command={sys.argv[1]}"
-    run_hydra_app(main, "data_tools", "conf/data.yaml")
+    run_hydra_app(main, "data_tools", "conf/data_tools.yaml")
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ Per frame (:func:`frame_metrics`):
 
 Per clip (:func:`clip_metrics`, :func:`rollout_metrics`): the frame metrics' means and ``sprites_kept_min``;
 ``motion``, the mean absolute difference of consecutive frames, and ``motion_ratio`` to the true clip's (a frozen
-rollout gives 0, a jittery one > 1); ``sharpness``, the Laplacian variance of luma as :mod:`svi_infer.evaluate`
-measures it, and ``sharpness_ratio`` to the true clip's (blur gives < 1).
+rollout gives 0, a jittery one > 1); ``sharpness``, the Laplacian variance of luma as
+:mod:`svi_infer.evaluate.metrics` measures it, and ``sharpness_ratio`` to the true clip's (blur gives < 1).
 
 What they cannot see: where the sprites are or whether they move like the truth (straight lines, bounces); a
 sprite melted into a blob of the right colour and about the right area counts as present; a sprite split in two
@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from svi_infer.evaluate import _laplacian_var, _luma
+from svi_infer.evaluate.metrics import _laplacian_var, _luma
 
 COLOUR_TOL = 0.2  # RGB distance (in [0, 1] units) within which a pixel "has" a sprite's colour
 BG_TOL = 0.2  # ... and at least this far from the true background there
@@ -140,7 +140,7 @@ def _motion(frames: np.ndarray) -> float | None:
 
 
 def _sharpness(frames: np.ndarray) -> float:
-    """Laplacian variance of BT.601 luma (0-255 units), averaged over frames, exactly as svi_infer.evaluate."""
+    """Laplacian variance of BT.601 luma (0-255 units), averaged over frames, exactly as svi_infer.evaluate.metrics."""
     return float(np.mean(_laplacian_var(_luma(frames))))
 
 
@@ -170,8 +170,9 @@ def clip_metrics(frames: np.ndarray, truth_frames: np.ndarray | None, truth: dic
 def rollout_metrics(
     frames: np.ndarray, truth_frames: np.ndarray | None, truth: dict, clips: list[tuple[int, int]]
 ) -> list[dict]:
-    """:func:`clip_metrics` of each ``[start, end)`` range of a rollout (e.g. ``svi_infer.evaluate.clip_ranges``),
-    each against the same range of the true video, with ``index``/``start``/``end`` added."""
+    """:func:`clip_metrics` of each ``[start, end)`` range of a rollout (e.g.
+    ``svi_infer.evaluate.metrics.clip_ranges``), each against the same range of the true video, with
+    ``index``/``start``/``end`` added."""
     frames = np.asarray(frames)
     records = []
     for k, (start, end) in enumerate(clips):
