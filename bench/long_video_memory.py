@@ -62,16 +62,19 @@ def run_child(num_clips: int, variant: str = "shot") -> dict:
     from PIL import Image
 
     from svi_infer.audio import AudioEncoder
-    from svi_infer.generate import GenerationSettings, LongVideoGenerator, attach_talk_modules
+    from svi_infer.longvideo.generator import LongVideoGenerator
     from svi_infer.model import build_model
+    from svi_infer.settings import GenerationSettings
     from svi_infer.spec import get_spec
+    from svi_infer.variants import make_conditioning
+    from svi_infer.variants.talk import attach_talk_modules
 
     model = build_model(get_spec(SPEC_ID))
     talk = variant == "talk"
-    encoder = None
+    conditioning = make_conditioning("text")
     if talk:
         attach_talk_modules(model)
-        encoder = AudioEncoder.tiny()
+        conditioning = make_conditioning("audio", audio_encoder=AudioEncoder.tiny())
     pixels = np.random.default_rng(IMAGE_SEED).integers(0, 256, size=(HEIGHT, WIDTH, 3), dtype=np.uint8)
     image = Image.fromarray(pixels)  # uint8 [H, W, 3] -> RGB
 
@@ -83,7 +86,7 @@ def run_child(num_clips: int, variant: str = "shot") -> dict:
             height=HEIGHT,
             width=WIDTH,
             handoff="pixel",
-            num_motion_frames=1,
+            motion_frames=1,
             ref_pad_num=-1,
             **({"conditioning": "audio", "fps": 25, "cfg_scale": 2.0, "cfg_scale_audio": 5.0} if talk else {}),
         )
@@ -95,11 +98,11 @@ def run_child(num_clips: int, variant: str = "shot") -> dict:
             tone = ["-f", "lavfi", "-i", "sine=frequency=220:duration=40", "-ar", "16000", str(audio)]
             subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-y", *tone], check=True)
         kwargs = {"audio": audio} if talk else {}
-        warm = LongVideoGenerator(model, settings(1), audio_encoder=encoder)
+        warm = LongVideoGenerator(model, settings(1), conditioning=conditioning)
         warm.generate(image, PROMPTS, Path(tmp) / "warmup.mp4", resume=False, progress=False, **kwargs)
         rss_after_warmup = _peak_rss_mb()
 
-        generator = LongVideoGenerator(model, settings(num_clips), audio_encoder=encoder)
+        generator = LongVideoGenerator(model, settings(num_clips), conditioning=conditioning)
         t0, c0 = time.perf_counter(), time.process_time()
         result = generator.generate(image, PROMPTS, Path(tmp) / "long.mp4", resume=False, progress=False, **kwargs)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0

@@ -4,8 +4,8 @@ Three arms on the same shards, steps and seeds: the bundled base model alone (pl
 starts the next clip), a LoRA trained with ``recycling=off``, and a LoRA trained with error recycling (Shot
 settings). Each arm rolls out ``--clips`` chained clips from ``--starts`` held-out first frames, once per seed
 (training seed for the LoRAs, sampling seed for the base). A second table repeats the two LoRA arms with the
-SVI 2.0 Pro latent hand-off. Drift per clip is measured against the world's ground truth (svi_infer.world_metrics)
-and with svi_infer.evaluate; every figure is a mean over seeds with a 95% t-interval.
+SVI 2.0 Pro latent hand-off. Drift per clip is measured against the world's ground truth
+(svi_infer.evaluate.world) and with svi_infer.evaluate.metrics; every figure is a mean over seeds with a 95% t-interval.
 
     python bench/toy_drift.py [--out bench_out/toy_drift] [--reuse] [--seeds 3] [--starts 8] [--clips 20]
 
@@ -33,7 +33,7 @@ T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
 FRAMES = 17  # the toy model's clip length; one motion frame of overlap
 METRICS = ("bg_rmse", "sprite_presence", "motion_ratio", "sharpness_ratio", "color_drift_first")
 PRO_TRAIN = ["variant.handoff=latent", "variant.ref_pad_num=0", "data.motion_latents=[0,1]"]
-PRO_INFER = ["variant.handoff=latent", "variant.ref_pad_num=0", "variant.num_motion_latents=1"]
+PRO_INFER = ["variant.handoff=latent", "variant.ref_pad_num=0", "variant.motion_latents=1"]
 ARMS = {  # name -> (shards, training overrides or None for the base, inference overrides)
     "base": (None, None, ["variant.ref_pad_num=0"]),  # plain I2V chaining: the last frame, then zeros
     "off": ("pixel", ["recycling=off"], []),
@@ -90,8 +90,8 @@ def rollout(out: Path, arm: str, seed: int, start: int, clips: int, adapter: Pat
     """Generate (unless done) one rollout in-process, as ``python -m svi_infer`` would; return the video."""
     from hydra import compose, initialize_config_module
 
-    from svi_infer.app import run
-    from svi_infer.config import register
+    from svi_infer.longvideo.config import register
+    from svi_infer.longvideo.plan import run
 
     video = out / "rollouts" / arm / f"s{seed}_{start:06d}.mp4"
     if video.with_suffix(".json").is_file() and video.is_file():
@@ -115,9 +115,9 @@ def rollout(out: Path, arm: str, seed: int, start: int, clips: int, adapter: Pat
 
 def measure(video: Path, start: int) -> list[dict]:
     """Per-clip world and evaluate metrics of one rollout against its held-out video's ground truth."""
-    from svi_infer.evaluate import evaluate_frames
+    from svi_infer.evaluate.metrics import evaluate_frames
+    from svi_infer.evaluate.world import rollout_metrics
     from svi_infer.video_io import read_video
-    from svi_infer.world_metrics import rollout_metrics
 
     frames = read_video(video)
     sidecar = json.loads(video.with_suffix(".json").read_text())

@@ -1,4 +1,4 @@
-"""The ``python -m data_tools`` commands over a composed ``conf/data.yaml``.
+"""The ``python -m data_tools`` commands over a composed ``conf/data_tools.yaml``.
 
 The cheap checks come first (the command, the folders and files it needs, the model's spec), and torch, diffusers,
 decord and webdataset are imported only after them, inside the functions that need them: a mistake is answered
@@ -19,8 +19,8 @@ from data_tools.config import COMMANDS, AugmentSettings, DataSettings
 from data_tools.layout import output_paths
 from data_tools.report import Report
 from svi_infer.atomic import atomic_path
-from svi_infer.settings import HANDOFFS, check_frames_per_clip
-from svi_infer.spec import ModelSpec, get_spec
+from svi_infer.spec import ModelSpec, check_frames_per_clip, get_spec
+from svi_infer.variants import HANDOFFS
 
 if TYPE_CHECKING:
     from svi_infer.audio import AudioEncoder
@@ -95,7 +95,7 @@ def settings_from(cfg: DictConfig, spec: ModelSpec) -> DataSettings:
             "with 0 < stride <= size"
         )
     augment = AugmentSettings.from_dict(OmegaConf.to_container(cfg.augment) if cfg.augment is not None else None)
-    return DataSettings(
+    settings = DataSettings(
         frames_per_clip=frames,
         fps=float(cfg.fps or spec.fps),
         stride=int(cfg.stride or frames),
@@ -116,6 +116,8 @@ def settings_from(cfg: DictConfig, spec: ModelSpec) -> DataSettings:
         vae_tile_size=tile,
         vae_tile_stride=tile_stride,
     )
+    settings.variant()  # refuses what no variant is (audio and pose at once, a bad ref_pad_num)
+    return settings
 
 
 def _model(cfg: DictConfig, spec: ModelSpec, settings: DataSettings | None = None) -> WanModel:

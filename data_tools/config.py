@@ -1,8 +1,8 @@
-"""The typed schema of ``conf/data.yaml``, registered with Hydra so that a wrong type or an unknown key fails when
+"""The typed schema of ``conf/data_tools.yaml``, registered with Hydra so that a wrong type or an unknown key fails when
 the config is composed, before any model loads. Torch-free: ``python -m data_tools`` imports it before anything
 heavy, so ``--help``, ``--cfg job`` and config errors answer at once.
 
-The schema holds the types; the values and their documentation stay in ``conf/data.yaml``. :class:`DataSettings`
+The schema holds the types; the values and their documentation stay in ``conf/data_tools.yaml``. :class:`DataSettings`
 is what they become once checked (``data_tools.app.settings_from``), also before anything heavy loads.
 """
 
@@ -15,16 +15,18 @@ from typing import TYPE_CHECKING, Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from svi_infer.variants import VariantSpec
+
 if TYPE_CHECKING:
     from data_tools.encode import EncodeSettings
 
-SCHEMA_NAME = "data_tools_schema"  # conf/data.yaml's first default
+SCHEMA_NAME = "data_tools_schema"  # conf/data_tools.yaml's first default
 COMMANDS = ("prepare", "scan", "encode", "pack", "verify", "inspect")
 
 
 @dataclass(frozen=True)
 class AugmentSettings:
-    """The ``augment:`` node of ``conf/data.yaml``. Each knob is its maximum at ``strength: 1``; the effective
+    """The ``augment:`` node of ``conf/data_tools.yaml``. Each knob is its maximum at ``strength: 1``; the effective
     maximum is ``knob * strength`` (the downscale factor: ``1 + (downscale - 1) * strength``); each sample draws
     its value uniformly up to that maximum (symmetrically around no change for the colour knobs)."""
 
@@ -100,10 +102,23 @@ class DataSettings:
             motion_latents=self.motion_latents,
         )
 
+    def variant(self) -> VariantSpec:
+        """The variant these settings prepare shards for (index.json's ``variant``, which training checks its
+        config against): the conditioning the extra inputs feed, the hand-off and the motion counts encoded, the
+        padding of the conditioning video."""
+        if self.audio and self.pose:
+            raise ValueError(
+                "audio=true and pose=true: a shard folder feeds one conditioning, Talk's audio or Dance's pose; "
+                "prepare one folder per variant"
+            )
+        conditioning = "audio" if self.audio else "pose" if self.pose else "text"
+        variant = VariantSpec(conditioning, self.handoff, self.ref_pad_num, self.motion_frames, self.motion_latents)
+        return variant.carried_only()
+
 
 @dataclass
 class DataToolsConfig:
-    """Types of ``conf/data.yaml``'s keys (each documented there). ``model`` is the shared ``model/`` group, typed
+    """Types of ``conf/data_tools.yaml``'s keys (each documented there). ``model`` is the shared ``model/`` group, typed
     loosely: svi_infer checks its keys when it builds the model."""
 
     command: str = MISSING
@@ -142,7 +157,7 @@ def model_names() -> str:
 
 
 def register() -> None:
-    """Store the schema as ``data_tools_schema`` for ``conf/data.yaml`` to extend (idempotent)."""
+    """Store the schema as ``data_tools_schema`` for ``conf/data_tools.yaml`` to extend (idempotent)."""
     schema = OmegaConf.structured(DataToolsConfig)
     for node in (schema, schema.augment):  # frozen in code, but the YAML file and overrides must set the fields
         OmegaConf.set_readonly(node, False)

@@ -323,10 +323,7 @@ def run_pack(manifest: dict, output: Path, settings: DataSettings, spec_id: str,
         "resolutions": sorted([list(r) for r in resolutions]),
         "frames_per_clip": settings.frames_per_clip,
         "fps": settings.fps,
-        "motion_frames": list(settings.motion_frames) if settings.handoff == "pixel" else [],
-        "ref_pad_num": settings.ref_pad_num,
-        "handoff": settings.handoff,
-        "motion_latents": list(settings.motion_latents) if settings.handoff == "latent" else [],
+        "variant": settings.variant().to_record(),  # what training checks its config against
         "augment": asdict(settings.augment),
         "samples": len(files),
         "shards": [

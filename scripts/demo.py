@@ -18,8 +18,8 @@ import numpy as np
 from PIL import Image
 
 from data_tools.toy_world import FPS, HELDOUT_SEED0, make_world, render, truth, write_world
+from svi_infer.evaluate.world import rollout_metrics
 from svi_infer.video_io import read_video
-from svi_infer.world_metrics import rollout_metrics
 
 OUT = Path("demo_out")
 CLIPS = 10

@@ -9,15 +9,15 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from svi_infer.config import register
 from svi_infer.errors import USER_ERRORS, exit_with, run_hydra_app
+from svi_infer.longvideo.config import register
 
 PROG = "svi_infer"
 
 
 @hydra.main(version_base="1.3", config_path="pkg://conf", config_name="infer")
 def main(cfg: DictConfig) -> None:
-    from svi_infer.app import run  # after composition: --help and --cfg job never import the runtime
+    from svi_infer.longvideo.plan import run  # after composition: --help and --cfg job never import the runtime
 
     try:
         result = run(cfg)

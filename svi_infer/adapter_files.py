@@ -17,6 +17,7 @@ from typing import Any
 from safetensors import safe_open
 
 from svi_infer.spec import HIGH_NOISE, LOW_NOISE, ModelSpec
+from svi_infer.variants import RENAMED_KEYS, VariantSpec
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -33,15 +34,20 @@ class AdapterError(ValueError):
 
 @dataclass(frozen=True)
 class AdapterMeta:
-    """The contents of ``svi.json``."""
+    """The contents of ``svi.json``: the base it was made for, the variant it was trained on (``variant``: a
+    :class:`~svi_infer.variants.VariantSpec` record; None for adapters from before it was recorded), the generation
+    defaults it suggests, and how it was trained."""
 
     base: dict[str, Any]
     expert: str | None = None
     defaults: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
+    variant: dict[str, Any] | None = None
 
     @staticmethod
-    def for_spec(spec: ModelSpec, expert: str | None = None, defaults=None, provenance=None) -> AdapterMeta:
+    def for_spec(
+        spec: ModelSpec, expert: str | None = None, defaults=None, provenance=None, variant: VariantSpec | None = None
+    ) -> AdapterMeta:
         base = {
             "spec": spec.id,
             "family": spec.family,
@@ -49,11 +55,21 @@ class AdapterMeta:
             "num_layers": spec.num_layers,
             "in_channels": spec.in_channels,
         }
-        return AdapterMeta(base, expert, dict(defaults or {}), dict(provenance or {}))
+        record = variant.to_record() if variant is not None else None
+        return AdapterMeta(base, expert, dict(defaults or {}), dict(provenance or {}), record)
 
     @staticmethod
     def from_record(data: dict[str, Any]) -> AdapterMeta:
-        return AdapterMeta(data["base"], data.get("expert"), data.get("defaults", {}), data.get("provenance", {}))
+        """Read a record; older adapters' defaults are read under today's names (``motion_frames`` is
+        ``motion_frames``, a null conditioning is ``text``)."""
+        defaults = {RENAMED_KEYS.get(k, k): v for k, v in data.get("defaults", {}).items()}
+        if "conditioning" in defaults and defaults["conditioning"] is None:
+            defaults["conditioning"] = "text"
+        return AdapterMeta(data["base"], data.get("expert"), defaults, data.get("provenance", {}), data.get("variant"))
+
+    def trained_variant(self, source: Path) -> VariantSpec | None:
+        """The variant it was trained on, None if it does not say."""
+        return None if self.variant is None else VariantSpec.from_record(self.variant, str(source))
 
     def check_base(self, spec: ModelSpec, source: Path) -> None:
         """Refuse an adapter trained for another base (family or dimensions differ)."""

@@ -353,8 +353,8 @@ def save_adapter(
         state = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
         save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         transformer.peft_config[adapter_name].save_pretrained(str(tmp))
-        record = {"format": META_FORMAT, "base": meta.base, "expert": meta.expert, "defaults": meta.defaults}
-        record["provenance"] = meta.provenance
+        record = {"format": META_FORMAT, "base": meta.base, "expert": meta.expert, "variant": meta.variant}
+        record |= {"defaults": meta.defaults, "provenance": meta.provenance}
         (tmp / SVI_META).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return directory
 

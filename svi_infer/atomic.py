@@ -1,4 +1,5 @@
-"""Atomic writes: build the file or directory under a temporary name beside the target, then rename it into place.
+"""Files on disk. Atomic writes build the file or directory under a temporary name beside the target, then rename it
+into place; :func:`file_sha256` says whether an input file changed.
 
 The temporaries come from :mod:`tempfile`, which creates them private (0600 / 0700); they get the mode any other
 file the user creates would have (0666 / 0777 less the umask) before they take the target's name.
@@ -6,6 +7,7 @@ file the user creates would have (0666 / 0777 less the umask) before they take t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -72,3 +74,12 @@ def write_with(target: str | Path, writer: Callable[[Path], None]) -> None:
     """Call ``writer(tmp_path)`` and move the result into place."""
     with atomic_path(target) as tmp:
         writer(tmp)
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks (audio and pose inputs can be long)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from svi_infer.settings import HANDOFFS, check_frames_per_clip  # noqa: F401  (HANDOFFS re-exported)
+from svi_infer.spec import check_frames_per_clip
 
 MASK_CHANNELS = 4
 

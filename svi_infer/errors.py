@@ -61,6 +61,10 @@ def config_error(err: BaseException, prog: str, config: str) -> str:
         elif not line.startswith(_NOISE):
             what.append(line.rstrip(".:"))
     if key and any(re.match(r"Key '[^']+' (not in|is not in struct)", line) for line in what):
+        from svi_infer.variants import renamed_key_message
+
+        if renamed := renamed_key_message(key):
+            return f"{where + ': ' if where else ''}{renamed}"
         what = [f"unknown key {key}"]
         todo = f"check its spelling against {config} (python -m {prog} --cfg job prints every key)"
     else:

@@ -37,8 +37,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
-from svi_infer.conditioning import HANDOFFS
 from svi_infer.spec import SPECS
+from svi_infer.variants import HANDOFFS
 
 SCHEMA_VERSION = 1
 TEXT_LEN = 512

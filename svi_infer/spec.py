@@ -185,3 +185,9 @@ def get_spec(spec_id: str) -> ModelSpec:
     except KeyError:
         known = ", ".join(sorted(SPECS))
         raise ValueError(f"unknown model spec {spec_id!r}; known specs: {known}") from None
+
+
+def check_frames_per_clip(num_frames: int, temporal_factor: int = 4) -> None:
+    """Wan clips are ``temporal_factor * k + 1`` frames long (the VAE keeps frame 0 on its own)."""
+    if num_frames < 1 or (num_frames - 1) % temporal_factor:
+        raise ValueError(f"frames_per_clip must be {temporal_factor}k+1 (e.g. 81, 49, 17), got {num_frames}")

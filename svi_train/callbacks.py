@@ -13,8 +13,10 @@ from PIL import Image
 
 from svi_infer.adapters import save_adapter
 from svi_infer.atomic import write_with
-from svi_infer.evaluate import evaluate_video, output_paths, write_report
-from svi_infer.generate import GenerationSettings, LongVideoGenerator
+from svi_infer.evaluate.reading import evaluate_video
+from svi_infer.evaluate.report import output_paths, write_report
+from svi_infer.longvideo.generator import LongVideoGenerator
+from svi_infer.settings import GenerationSettings
 from svi_infer.video_io import tensor_to_frames
 from svi_train.strategies import lora_state_dict
 

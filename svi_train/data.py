@@ -211,14 +211,3 @@ class _ResumableLoader:
                 f"process no batch of data.batch_size={c.batch_size} samples of one shape: lower data.batch_size or "
                 "prepare more samples (with more ranks than shards: data.resampled=true)"
             )
-
-
-def choose_cond(
-    cond: dict[int, Tensor], motion_frames: tuple[int, ...], p_more: float, generator
-) -> tuple[int, Tensor]:
-    """Pick the conditioning variant for a step (Film: 5 motion frames with p=0.9, else 1)."""
-    counts = sorted(m for m in motion_frames if m in cond)
-    if not counts:
-        raise ValueError(f"batch has conditioning for {sorted(cond)}, training asks for {list(motion_frames)}")
-    m = counts[-1] if len(counts) == 1 or torch.rand((), generator=generator).item() < p_more else counts[0]
-    return m, cond[m]

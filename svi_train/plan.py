@@ -5,19 +5,21 @@ answers a mistake in these at once; :func:`svi_train.run.train` then trains from
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from svi_infer.errors import UserError
-from svi_infer.settings import HANDOFFS
+from svi_infer.settings import GenerationSettings, variant_keys
 from svi_infer.spec import ModelSpec, get_spec
+from svi_infer.variants import VariantSpec, make_conditioning, make_handoff, renamed_key_message
+from svi_infer.variants.base import Conditioning, Handoff
 from svi_train.checkpoints import resume_checkpoint
 from svi_train.config import (
     SCHEMAS,
     CallbackSettings,
-    ConditioningSettings,
     DataConfig,
     ExpertSettings,
     LoggerSettings,
@@ -27,15 +29,19 @@ from svi_train.config import (
     TrainerSettings,
     typed,
 )
-from svi_train.shards import check_shards_handoff, read_index, shard_files
+from svi_train.shards import check_trained_variant, read_index, shard_files, shards_variant
 
 
 @dataclass(frozen=True)
 class TrainPlan:
     """The composed config, its settings typed and checked, and the files the run reads."""
 
-    cfg: DictConfig  # model.*, variant.*, seed, run_name: read where they are used
+    cfg: DictConfig  # model.*, seed, run_name: read where they are used
     spec: ModelSpec
+    variant: VariantSpec  # what this run trains: checked against the shards, written into svi.json
+    defaults: dict[str, Any]  # variant.*: the generation defaults the adapters record
+    conditioning: Conditioning  # the variant's strategies, with their training settings
+    handoff: Handoff
     run_dir: Path
     lora: LoraSettings
     recycling: RecyclingConfig
@@ -44,7 +50,6 @@ class TrainPlan:
     logger: LoggerSettings
     callbacks: CallbackSettings
     optim: OptimSettings
-    conditioning: ConditioningSettings
     experts: ExpertSettings
     trained: tuple[str, ...]  # the experts this run trains, in the spec's order
     index: dict  # the shards' index.json
@@ -70,16 +75,38 @@ def plan(cfg: DictConfig) -> TrainPlan:
             f"callbacks.preview_every_n_steps: previews run the DiT on rank 0 alone, which trainer.strategy="
             f"{trainer.strategy} shards across ranks (it hangs or fails); set callbacks.preview_every_n_steps=0"
         )
-    handoff = check_spec_handoff(spec, cfg.variant.get("handoff", "pixel"))
+    defaults = variant_defaults(cfg)
+    handoff = make_handoff(defaults["handoff"])
+    handoff.check_base(spec)
+    dropout = settings.pop("conditioning")
+    multitalk = OmegaConf.select(cfg, "model.multitalk", default=None)
+    conditioning = make_conditioning(defaults["conditioning"], **asdict(dropout), multitalk=multitalk)
+    conditioning.check_base(spec, training=True)
     data: DataConfig = settings["data"]
+    counts = handoff.counts  # motion_frames (pixel) or motion_latents (latent): the only ones this run draws
+    ref_pad_num = defaults["ref_pad_num"]
+    variant = VariantSpec(conditioning.name, handoff.name, ref_pad_num, data.motion_frames, data.motion_latents)
+    variant = variant.carried_only()
+    if defaults[counts] not in getattr(variant, counts):
+        raise UserError(
+            f"variant.{counts}={defaults[counts]} (what generation carries by default) is not among the counts "
+            f"this run trains, data.{counts}={list(getattr(variant, counts))}: add it there, or change variant"
+        )
     index = read_index(data.path)
     if index["spec"] != spec.id and get_spec(index["spec"]).family != spec.family:
         raise UserError(f"the shards in {data.path} were encoded for {index['spec']}, not {spec.id}")
-    check_shards_handoff(index, data, handoff)
+    check_trained_variant(shards_variant(index, data.path, conditioning.name), variant, data.path)
+    conditioning.check_training(
+        spec, defaults.get("fps"), index["fps"], settings["callbacks"].preview_every_n_steps > 0
+    )
     run_dir = Path(cfg.output_dir)
     return TrainPlan(
         cfg=cfg,
         spec=spec,
+        variant=variant,
+        defaults=defaults,
+        conditioning=conditioning,
+        handoff=handoff,
         run_dir=run_dir,
         **settings,
         trained=trained,
@@ -89,13 +116,17 @@ def plan(cfg: DictConfig) -> TrainPlan:
     )
 
 
-def check_spec_handoff(spec: ModelSpec, handoff: str) -> str:
-    """``variant.handoff`` for training; TI2V-5B has no y channels, so only the latent hand-off fits it."""
-    if handoff not in HANDOFFS:
-        raise ValueError(f"variant.handoff must be one of {HANDOFFS}, got {handoff!r}")
-    if handoff == "pixel" and not spec.conditioning_by_concat:
-        raise ValueError(
-            f"{spec.id} conditions by replacing its first latent frames (no y channels): train it with "
-            "variant.handoff=latent (+experiment=wan22_5b) on shards prepared with handoff=latent"
-        )
-    return handoff
+def variant_defaults(cfg: DictConfig) -> dict[str, Any]:
+    """``variant.*``: svi_infer's generation settings (their defaults in the adapters this run writes), each key
+    checked against them, and the variant's own choices filled in (text conditioning, pixel hand-off)."""
+    values = OmegaConf.to_container(cfg.variant, resolve=True)
+    known = variant_keys()
+    for key in values:
+        if key not in known:
+            raise UserError(
+                renamed_key_message(f"variant.{key}")
+                or f"unknown key variant.{key}: variant takes {', '.join(sorted(known))} (svi_infer's settings)"
+            )
+    builtin = {f.name: f.default for f in fields(GenerationSettings)}
+    chosen = {k: builtin[k] for k in ("conditioning", "handoff", "ref_pad_num", "motion_frames", "motion_latents")}
+    return chosen | {k: v for k, v in values.items() if v is not None}

@@ -4,25 +4,24 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from svi_infer.atomic import write_with
-from svi_infer.generate import GenerationSettings
-from svi_infer.spec import ModelSpec
+from svi_infer.settings import GenerationSettings
 from svi_train.callbacks import AdapterExport, RolloutPreview, StepProgress
 from svi_train.checkpoints import CHECKPOINT_DIR
-from svi_train.config import CallbackSettings, ConditioningSettings, LoggerSettings
+from svi_train.config import LoggerSettings
 from svi_train.data import WdsDataModule
 from svi_train.module import SVILitModule
 from svi_train.plan import TrainPlan, plan
 from svi_train.strategies import make_strategy
-from svi_train.variants import check_kind
 
 
 def make_logger(settings: LoggerSettings, run_dir: Path, name: str):
@@ -44,51 +43,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         write_with(path, lambda tmp: save(checkpoint, tmp, storage_options))
 
 
-def _check_variant(
-    cfg: DictConfig,
-    spec: ModelSpec,
-    variant: dict,
-    conditioning: ConditioningSettings,
-    index: dict,
-    callbacks: CallbackSettings,
-) -> str | None:
-    """Talk / Dance settings that would only fail after the model is built, checked first; returns the MultiTalk
-    weights file for Talk (None otherwise, or for a tiny model's random audio modules)."""
-    kind = check_kind(variant.get("conditioning"))
-    if kind is None:
-        return None
-    fps = variant.get("fps")
-    if fps is not None and float(fps) != float(index["fps"]):
-        raise ValueError(
-            f"variant.fps={fps}, but the shards in {cfg.data.path} were prepared at {index['fps']} fps: the "
-            f"{kind} conditioning follows the video frames, so prepare them with fps={fps} (or set variant.fps)"
-        )
-    if callbacks.preview_every_n_steps:
-        raise ValueError(
-            f"callbacks.preview_every_n_steps: rollout previews do not feed {kind} conditioning; set it to 0 and "
-            "generate with svi_infer from the exported adapters instead"
-        )
-    if kind == "pose" and conditioning.pose_encoder and not Path(conditioning.pose_encoder).expanduser().exists():
-        raise FileNotFoundError(f"conditioning.pose_encoder {conditioning.pose_encoder} does not exist")
-    multitalk = OmegaConf.select(cfg, "model.multitalk", default=None) if kind == "audio" else None
-    if kind == "audio" and multitalk is None and not spec.tiny:
-        raise ValueError(f"Talk training on {spec.id} needs model.multitalk=<path to multitalk.safetensors>")
-    if multitalk is not None and not Path(multitalk).expanduser().is_file():
-        raise FileNotFoundError(f"model.multitalk {multitalk} does not exist (MultiTalk's multitalk.safetensors)")
-    return multitalk
+def run(cfg: DictConfig, callbacks: Sequence[L.Callback] | None = None) -> Path:
+    """Check, then train; returns the final adapter directory. ``callbacks``: see :func:`train`."""
+    return train(plan(cfg), callbacks)
 
 
-def run(cfg: DictConfig) -> Path:
-    """Check, then train; returns the final adapter directory."""
-    return train(plan(cfg))
+def train(checked: TrainPlan, callbacks: Sequence[L.Callback] | None = None) -> Path:
+    """Train from a checked plan; returns the final adapter directory.
 
-
-def train(checked: TrainPlan) -> Path:
-    """Train from a checked plan; returns the final adapter directory."""
+    ``callbacks``: extra Lightning callbacks, appended after the run's own (export, checkpoints, logging, previews).
+    """
+    extra = list(callbacks or [])
     cfg, spec, data, index, run_dir = checked.cfg, checked.spec, checked.data, checked.index, checked.run_dir
     trainer_cfg, callbacks_cfg = checked.trainer, checked.callbacks
-    variant = OmegaConf.to_container(cfg.variant, resolve=True)
-    multitalk = _check_variant(cfg, spec, variant, checked.conditioning, index, callbacks_cfg)
     L.seed_everything(cfg.seed, workers=True)
     module = SVILitModule(
         spec,
@@ -96,15 +63,13 @@ def train(checked: TrainPlan) -> Path:
         checked.lora,
         checked.recycling,
         checked.optim,
-        motion_frames=data.motion_frames,
+        variant=checked.variant,
+        conditioning=checked.conditioning,
+        defaults=checked.defaults,
         p_more_motion=data.p_more_motion,
-        variant_defaults=variant,
         seed=cfg.seed,
         save_banks=callbacks_cfg.save_banks,
-        conditioning=checked.conditioning,
-        multitalk=multitalk,
         experts=checked.experts,
-        motion_latents=data.motion_latents,
     )
     export = AdapterExport(run_dir / "adapters", callbacks_cfg.export_every_n_steps)
     callbacks = [
@@ -132,7 +97,7 @@ def train(checked: TrainPlan) -> Path:
             height=index["resolutions"][0][0],
             width=index["resolutions"][0][1],
             fps=int(index["fps"]),
-            **{k: v for k, v in variant.items() if k in GenerationSettings.__dataclass_fields__},
+            **checked.defaults,
         )
         settings.validate(spec)
         callbacks.append(
@@ -161,7 +126,7 @@ def train(checked: TrainPlan) -> Path:
         accumulate_grad_batches=trainer_cfg.accumulate_grad_batches,
         log_every_n_steps=trainer_cfg.log_every_n_steps,
         enable_progress_bar=False,  # StepProgress: Lightning's bars count epochs of an endless stream
-        callbacks=callbacks,
+        callbacks=[*callbacks, *extra],
         logger=logger,
         plugins=[] if trainer_cfg.strategy.startswith("deepspeed") else [AtomicCheckpointIO()],
         default_root_dir=str(run_dir),

@@ -9,7 +9,7 @@ from pathlib import Path
 from omegaconf import MISSING
 
 from svi_infer.errors import UserError
-from svi_train.config import DataConfig
+from svi_infer.variants import VariantSpec
 
 PREPARE = "`python -m data_tools prepare`"
 
@@ -49,28 +49,28 @@ def few(names: list[str], limit: int = 5) -> str:
     return f"{shown} and {len(names) - limit} more" if len(names) > limit else shown
 
 
-def check_shards_handoff(index: dict, config: DataConfig, handoff: str) -> None:
-    """The shards must hold the conditioning members the run's hand-off reads: ``cond.m<m>`` for every count of
-    ``data.motion_frames`` (pixel), ``motion.n<n>`` for every ``data.motion_latents`` (latent). Shards from before
-    the latent hand-off existed have no ``handoff`` entry: they are pixel ones."""
-    prepared = index.get("handoff", "pixel")
-    if prepared != handoff:
-        raise ValueError(
-            f"variant.handoff={handoff}, but the shards in {config.path} were prepared with handoff={prepared}: "
-            f"prepare them with `python -m data_tools prepare handoff={handoff} ...` (or train with "
-            f"variant.handoff={prepared})"
+def shards_variant(index: dict, path: str | Path, unrecorded_conditioning: str = "text") -> VariantSpec:
+    """The variant the shards were prepared for (index.json's ``variant``). Shards from before it was recorded
+    carry its parts at the top level and no conditioning (``unrecorded_conditioning`` stands in: their samples
+    show whether they hold audio or poses)."""
+    if "variant" in index:
+        return VariantSpec.from_record(index["variant"], f"{Path(path) / 'index.json'}")
+    handoff = index.get("handoff", "pixel")  # shards from before the latent hand-off existed are pixel ones
+    return VariantSpec(
+        conditioning=unrecorded_conditioning,
+        handoff=handoff,
+        ref_pad_num=index.get("ref_pad_num", -1),
+        motion_frames=index.get("motion_frames", []) if handoff == "pixel" else (),
+        motion_latents=index.get("motion_latents", []),
+    )
+
+
+def check_trained_variant(shards: VariantSpec, trained: VariantSpec, path: str | Path) -> None:
+    """Refuse a training config that asks of the shards what they were not prepared with, naming each difference
+    and both ways out."""
+    problems = shards.contradictions(trained)
+    if problems:
+        raise UserError(
+            f"the training config asks for {'; '.join(problems)}: prepare the shards with "
+            f"`{trained.prepare_command()}` (output={path}), or set variant.* / data.* to what they hold"
         )
-    if handoff == "pixel":
-        missing = sorted(set(config.motion_frames) - set(index["motion_frames"]))
-        if missing:
-            raise ValueError(
-                f"the shards in {config.path} hold conditioning for motion frames {index['motion_frames']}, "
-                f"not {missing}: prepare them with motion_frames={sorted(set(index['motion_frames']) | set(missing))}"
-            )
-    else:
-        missing = sorted(set(config.motion_latents) - {0} - set(index.get("motion_latents", [])))
-        if missing:
-            raise ValueError(
-                f"the shards in {config.path} hold motion latents {index.get('motion_latents', [])}, not {missing}: "
-                f"prepare them with motion_latents={sorted(set(index.get('motion_latents', [])) | set(missing))}"
-            )

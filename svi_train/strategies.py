@@ -4,8 +4,8 @@ On GPUs these are Lightning's stock strategies. Lightning refuses DeepSpeed and 
 although both libraries run there over gloo; the two subclasses below lift only those checks, so the sharded
 code paths (ZeRO partitioning, FSDP flat parameters, their checkpoints) can be exercised by CPU tests.
 
-The subclasses override private Lightning methods (checked against lightning 2.6.6); tests/test_distributed.py
-covers them.
+The subclasses override private Lightning methods (checked against lightning 2.6.6);
+tests/distributed/test_distributed.py covers them.
 """
 
 from __future__ import annotations

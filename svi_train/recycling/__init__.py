@@ -13,7 +13,7 @@ One step, per sample::
 
 from svi_train.recycling.bank import ErrorBank, expert_grid, make_banks
 from svi_train.recycling.config import REPLACEMENT_POLICIES, STORAGE_DTYPES, RecyclingConfig
-from svi_train.recycling.inject import MASK_CHANNELS, Flags, Injected, draw_flags, inject, recycled_input_and_target
+from svi_train.recycling.inject import Flags, Injected, draw_flags, inject, recycled_input_and_target
 from svi_train.recycling.measure import Errors, in_warmup, measure, record, should_update
 from svi_train.recycling.timesteps import (
     TIMESTEP_MODES,
@@ -25,7 +25,6 @@ from svi_train.recycling.timesteps import (
 )
 
 __all__ = [
-    "MASK_CHANNELS",
     "REPLACEMENT_POLICIES",
     "STORAGE_DTYPES",
     "TIMESTEP_MODES",

@@ -11,11 +11,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from svi_infer.conditioning import MASK_CHANNELS  # y = concat(4-channel mask, conditioning latent)
 from svi_infer.flow import add_noise, velocity_target
 from svi_train.recycling.bank import ErrorBank
 from svi_train.recycling.config import RecyclingConfig
-
-MASK_CHANNELS = 4  # y = concat(4-channel mask, conditioning latent)
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,9 @@ from typing import Any, get_type_hints
 
 from omegaconf import MISSING, OmegaConf
 
-from svi_infer.settings import GenerationSettings
+from svi_infer.settings import TOP_LEVEL_SETTINGS, GenerationSettings
 
 SCHEMA_NAME = "infer_schema"  # the first entry of conf/infer.yaml's defaults
-TOP_LEVEL_SETTINGS = ("num_clips", "frames_per_clip", "height", "width", "seed", "seed_policy")
 
 
 def _variant_config() -> type:
