@@ -21,6 +21,7 @@ from svi_train.config import LoggerSettings
 from svi_train.data import WdsDataModule
 from svi_train.module import SVILitModule
 from svi_train.plan import TrainPlan, plan
+from svi_train.recycling.capacity import announce_bank_capacity
 from svi_train.strategies import make_strategy
 
 
@@ -57,11 +58,13 @@ def train(checked: TrainPlan, callbacks: Sequence[L.Callback] | None = None) -> 
     cfg, spec, data, index, run_dir = checked.cfg, checked.spec, checked.data, checked.index, checked.run_dir
     trainer_cfg, callbacks_cfg = checked.trainer, checked.callbacks
     L.seed_everything(cfg.seed, workers=True)
+    # the byte cap resolved once (auto: from this host's memory), printed per bank, warned below 500 per grid
+    recycling = announce_bank_capacity(checked.recycling, spec, index, trainer_cfg.devices, trainer_cfg.accelerator)
     module = SVILitModule(
         spec,
         cfg.model.path,
         checked.lora,
-        checked.recycling,
+        recycling,
         checked.optim,
         variant=checked.variant,
         conditioning=checked.conditioning,

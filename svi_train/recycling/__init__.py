@@ -12,6 +12,15 @@ One step, per sample::
 """
 
 from svi_train.recycling.bank import ErrorBank, expert_grid, make_banks
+from svi_train.recycling.capacity import (
+    REFERENCE_CAPACITY,
+    BankCapacity,
+    ByteCap,
+    announce_bank_capacity,
+    auto_max_bytes,
+    bank_capacity,
+    resolve_max_bytes,
+)
 from svi_train.recycling.config import REPLACEMENT_POLICIES, STORAGE_DTYPES, RecyclingConfig
 from svi_train.recycling.inject import Flags, Injected, draw_flags, inject, recycled_input_and_target
 from svi_train.recycling.measure import Errors, in_warmup, measure, record, should_update
@@ -25,9 +34,12 @@ from svi_train.recycling.timesteps import (
 )
 
 __all__ = [
+    "REFERENCE_CAPACITY",
     "REPLACEMENT_POLICIES",
     "STORAGE_DTYPES",
     "TIMESTEP_MODES",
+    "BankCapacity",
+    "ByteCap",
     "ErrorBank",
     "Errors",
     "Flags",
@@ -35,6 +47,9 @@ __all__ = [
     "RecyclingConfig",
     "TimestepDraw",
     "TimestepSampler",
+    "announce_bank_capacity",
+    "auto_max_bytes",
+    "bank_capacity",
     "bell_loss_weights",
     "draw_flags",
     "expert_grid",
@@ -46,5 +61,6 @@ __all__ = [
     "measure",
     "record",
     "recycled_input_and_target",
+    "resolve_max_bytes",
     "should_update",
 ]

@@ -1,8 +1,9 @@
 """Per-timestep-grid replay memory of the model's own errors, kept in host memory (reference/svi.md §1.3).
 
 One bank holds one kind of error: the noise-endpoint errors or the x0-endpoint errors. Each grid keeps at most
-``capacity`` entries and the whole bank at most ``max_bytes`` bytes. When a new error does not fit, it replaces
-an entry chosen by the policy:
+``capacity`` entries and the whole bank at most ``max_bytes`` bytes; at real size the byte cap binds long before
+500 per grid (errors are bf16 by default, as in the reference; see :mod:`svi_train.recycling.capacity`). When a new
+error does not fit, it replaces an entry chosen by the policy:
 
 - ``random``: a uniformly drawn slot of the grid;
 - ``fifo``: the oldest entry of the grid;
@@ -19,11 +20,13 @@ All entries of a bank share one shape (set by the first insert), so the byte cos
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 
 import torch
 from torch import Tensor
 
+from svi_train.recycling.capacity import entry_nbytes, per_grid_capacity, resolve_max_bytes
 from svi_train.recycling.config import REPLACEMENT_POLICIES, STORAGE_DTYPES, RecyclingConfig
 
 STATE_FORMAT = 1
@@ -65,14 +68,14 @@ class ErrorBank:
 
     @classmethod
     def from_config(cls, cfg: RecyclingConfig, name: str) -> ErrorBank:
-        """A bank laid out as ``cfg`` says."""
+        """A bank laid out as ``cfg`` says; a byte cap of ``auto`` is sized from this host's memory now."""
         return cls(
             name=name,
             num_grids=cfg.num_grids,
             capacity=cfg.capacity,
             replacement=cfg.replacement,
             storage_dtype=cfg.storage_dtype,
-            max_bytes=cfg.max_bytes_per_bank,
+            max_bytes=resolve_max_bytes(cfg.max_bytes_per_bank).nbytes,
             sketch_size=cfg.sketch_size,
         )
 
@@ -111,9 +114,14 @@ class ErrorBank:
         return 0 if self._shape is None else self._nbytes_of(self._shape)
 
     def _nbytes_of(self, shape: tuple[int, ...]) -> int:
-        numel = _numel(shape)
-        sketch = 4 * min(numel, self.sketch_size) if self._uses_sketches else 0  # float32 sketch row
-        return numel * self.dtype.itemsize + sketch
+        return entry_nbytes(_numel(shape), self.storage_dtype, self.replacement, self.sketch_size)
+
+    @property
+    def grid_capacity(self) -> int:
+        """Entries a grid can hold on average: ``capacity``, or fewer once the byte cap binds (shape known)."""
+        if self._shape is None:
+            return self.capacity
+        return per_grid_capacity(self.capacity, self.max_bytes, self.entry_nbytes, self.num_grids)
 
     @property
     def nbytes(self) -> int:
@@ -231,7 +239,8 @@ class ErrorBank:
         """Plain numbers for ``recycling/<bank>/<key>``: totals, then ``gridNN/{fill,norm,age}`` per grid.
 
         ``fill`` is entries / capacity, ``norm`` the mean L2 norm of the stored errors, ``age`` the mean number
-        of inserts into this bank since each entry was written (0 = the newest).
+        of inserts into this bank since each entry was written (0 = the newest). ``capacity`` is
+        :attr:`grid_capacity`: what the byte cap really leaves per grid, to compare with the reference's 500.
         """
         last = self._inserts - 1
         count = len(self)
@@ -242,6 +251,7 @@ class ErrorBank:
             "nbytes": float(self.nbytes),
             "inserts": float(self._inserts),
             "fill": count / (self.num_grids * self.capacity),
+            "capacity": float(self.grid_capacity),
         }
         if count:
             out["norm"] = sum(all_norms) / count
@@ -296,7 +306,23 @@ class ErrorBank:
                 self._sketch_sq[g] = self._sketches[g].square().sum(dim=1)
         self._inserts = int(state["inserts"])
         if self.nbytes > self.max_bytes:
-            raise ValueError(f"state needs {self.nbytes} bytes, above max_bytes={self.max_bytes}")
+            self._trim_to_cap()
+
+    def _trim_to_cap(self) -> None:
+        """Drop the oldest entries of the fullest grids until the bank fits ``max_bytes``.
+
+        An ``auto`` cap follows the host's free memory, so a resumed run may get a little less than the run that
+        saved the banks; it keeps what fits (as inserts would have) rather than refusing to resume.
+        """
+        before = len(self)
+        while self.nbytes > self.max_bytes:
+            donor = max(range(self.num_grids), key=lambda i: (len(self._errors[i]), -i))
+            self._remove(donor, self._oldest(donor))
+        warnings.warn(
+            f"bank {self.name!r}: the checkpoint holds {before} errors, {before - len(self)} above "
+            f"max_bytes={self.max_bytes}; the oldest of the fullest grids were dropped",
+            stacklevel=3,
+        )
 
 
 def make_banks(cfg: RecyclingConfig, num_experts: int = 1) -> tuple[ErrorBank, ErrorBank]:

@@ -40,7 +40,7 @@ def test_empty_bank():
     b = bank()
     assert b.sample(0, gen()) is None and b.sample_any(gen()) is None
     assert len(b) == 0 and b.nbytes == 0
-    assert b.stats() == {"entries": 0.0, "nbytes": 0.0, "inserts": 0.0, "fill": 0.0} | {
+    assert b.stats() == {"entries": 0.0, "nbytes": 0.0, "inserts": 0.0, "fill": 0.0, "capacity": 3.0} | {
         f"grid{g:02d}/fill": 0.0 for g in range(4)
     }
 
@@ -145,6 +145,7 @@ def test_stats_are_plain_numbers():
         "nbytes": 24.0,
         "inserts": 3.0,
         "fill": 3 / 16,
+        "capacity": 4.0,
         "norm": 16.0 / 3,
         "age": 1.0,
         "grid00/fill": 0.5,
@@ -203,3 +204,41 @@ def test_same_seed_same_bank():
 def test_make_banks_names_them_after_what_they_store():
     noise_bank, x0_bank = make_banks(RecyclingConfig(capacity=7))
     assert (noise_bank.name, x0_bank.name, noise_bank.capacity, x0_bank.replacement) == ("noise", "x0", 7, "nearest_l2")
+
+
+def test_stats_capacity_is_what_the_byte_cap_leaves_per_grid():
+    b = bank("fifo", capacity=5, max_bytes=100)  # float32 [4] = 16 bytes: 6 entries fit, 1 per grid of 4
+    assert b.stats()["capacity"] == 5.0  # the shape, so the entry size, is known from the first insert on
+    b.add(torch.zeros(4), 0, gen())
+    assert (b.grid_capacity, b.stats()["capacity"]) == (1, 1.0)
+    roomy = bank("fifo", capacity=5, max_bytes=1000)  # room for 62 entries: 15 per grid
+    roomy.add(torch.zeros(4), 0, gen())
+    assert roomy.grid_capacity == 5  # never above the configured capacity
+
+
+def test_bf16_is_the_default_storage():
+    assert ErrorBank("x0", num_grids=1, capacity=1).dtype == torch.bfloat16
+    noise_bank, x0_bank = make_banks(RecyclingConfig(max_bytes_per_bank=1 << 20))
+    assert noise_bank.dtype == x0_bank.dtype == torch.bfloat16
+    noise_bank.add(torch.zeros(2, 3), 0, gen())
+    assert noise_bank.entry_nbytes == 6 * 2 + 6 * 4  # bf16 error + float32 sketch
+    assert make_banks(RecyclingConfig(storage_dtype="float32", max_bytes_per_bank=64))[0].dtype == torch.float32
+
+
+def test_auto_cap_is_resolved_when_banks_are_made(monkeypatch):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setattr("svi_train.recycling.capacity.available_memory", lambda: 64 * 1024**3)
+    noise_bank, x0_bank = make_banks(RecyclingConfig())
+    assert noise_bank.max_bytes == x0_bank.max_bytes == 4 * 1024**3  # 50% of 64 GiB / 4 ranks / 2 banks
+
+
+def test_load_into_a_smaller_cap_keeps_what_fits():
+    """An auto cap may come out a little smaller on resume: the newest errors that fit are kept, with a warning."""
+    big = bank("fifo", capacity=5, max_bytes=1000)
+    for v in range(6):
+        big.add(torch.full((4,), float(v)), v % 2, gen())  # grid 0: 0, 2, 4; grid 1: 1, 3, 5
+    small = bank("fifo", capacity=5, max_bytes=64)  # 16-byte entries: 4 fit
+    with pytest.warns(UserWarning, match="6 errors, 2 above max_bytes=64"):
+        small.load_state_dict(big.state_dict())
+    assert (len(small), small.nbytes) == (4, 64)
+    assert contents(small, 0) == [[2.0] * 4, [4.0] * 4] and contents(small, 1) == [[3.0] * 4, [5.0] * 4]
