@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
 
-from data_tools.config import COMMANDS, AugmentSettings, DataSettings
+from data_tools.config import COMMANDS, PRO_MOTIONS, AugmentSettings, DataSettings
 from data_tools.layout import output_paths
 from data_tools.report import Report
 from svi_infer.atomic import atomic_path
@@ -78,7 +78,9 @@ def settings_from(cfg: DictConfig, spec: ModelSpec) -> DataSettings:
     motion = tuple(int(m) for m in cfg.motion_frames)
     if not motion or not all(1 <= m < frames for m in motion):
         raise ValueError(f"motion_frames must be counts in 1..{frames - 1}, got {list(motion)}")
-    for name, allowed in (("short_videos", ("skip", "pad")), ("crop", ("center", "random")), ("handoff", HANDOFFS)):
+    choices = {"short_videos": ("skip", "pad"), "crop": ("center", "random"), "handoff": HANDOFFS}
+    choices["pro_motion"] = PRO_MOTIONS
+    for name, allowed in choices.items():
         if cfg[name] not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, got {cfg[name]!r}")
     latents = tuple(int(n) for n in cfg.motion_latents)
@@ -111,6 +113,7 @@ def settings_from(cfg: DictConfig, spec: ModelSpec) -> DataSettings:
         seed=cfg.seed,
         handoff=cfg.handoff,
         motion_latents=tuple(sorted(set(latents))),
+        pro_motion=cfg.pro_motion,
         augment=augment,
         vae_tiling=bool(cfg.vae_tiling),
         vae_tile_size=tile,

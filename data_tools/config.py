@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 
 SCHEMA_NAME = "data_tools_schema"  # conf/data_tools.yaml's first default
 COMMANDS = ("prepare", "scan", "encode", "pack", "verify", "inspect")
+# where the latent hand-off's motion latents come from: the previous clip's last latents (SVI 2.0 Pro's authors'
+# recipe), or the window's own first frames (this project's layout before)
+PRO_MOTIONS = ("continuation", "window")
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,7 @@ class DataSettings:
     seed: int = 0
     handoff: str = "pixel"  # pixel | latent (SVI 2.0 Pro)
     motion_latents: tuple[int, ...] = (1,)
+    pro_motion: str = "continuation"  # latent: the previous clip's last latents | window: the window's own first
     augment: AugmentSettings = AugmentSettings()
     vae_tiling: bool = False
     vae_tile_size: int = 256
@@ -100,6 +104,7 @@ class DataSettings:
             anchor=self.anchor,
             handoff=self.handoff,
             motion_latents=self.motion_latents,
+            pro_motion=self.pro_motion,
         )
 
     def variant(self) -> VariantSpec:
@@ -135,6 +140,7 @@ class DataToolsConfig:
     anchor: str = MISSING
     handoff: str = MISSING
     motion_latents: list[int] = MISSING
+    pro_motion: str = MISSING
     augment: AugmentSettings = field(default_factory=AugmentSettings)
     vae_tiling: bool = MISSING
     vae_tile_size: int = MISSING

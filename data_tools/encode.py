@@ -15,6 +15,7 @@ from svi_infer.audio import features_for_frames
 from svi_infer.conditioning import conditioning_video
 from svi_infer.model import WanModel
 from svi_infer.schema import SCHEMA_VERSION, Sample
+from svi_infer.talk import AUDIO_CONTEXT
 from svi_infer.video_io import frames_to_tensor
 
 ANCHOR_MODES = ("outside", "in_clip", "first")
@@ -31,6 +32,7 @@ class EncodeSettings:
     anchor: str = "outside"  # where the padding/anchor frame comes from when ref_pad_num != 0 (or handoff=latent)
     handoff: str = "pixel"  # pixel: cond.m<m> per motion_frames | latent: anchor + motion.n<n> per motion_latents
     motion_latents: tuple[int, ...] = (1,)
+    pro_motion: str = "continuation"  # latent hand-off: see data_tools.config.PRO_MOTIONS
 
     @property
     def needs_anchor(self) -> bool:
@@ -83,15 +85,19 @@ def encode_window(
     audio: tuple[torch.Tensor, float] | None = None,
     pose: np.ndarray | None = None,
     augment: AugmentParams | None = None,
+    previous: dict[int, np.ndarray] | None = None,
 ) -> Sample:
     """One window ``[F, H, W, 3]`` uint8 -> a schema sample: clean latents; the hand-off conditioning (pixel:
     conditioning latents per motion count; latent: the anchor latent and the motion latents per count, SVI 2.0
     Pro), its motion frames degraded by ``augment`` when given; text at its real length, CLIP for Wan 2.1, audio
-    features and pose frames when given. The clean latents and the anchor are never augmented."""
+    features and pose frames when given. The clean latents and the anchor are never augmented. ``previous``
+    (latent hand-off, ``pro_motion=continuation``): per motion count ``n`` the ``[F, H, W, 3]`` frames of the
+    clip this window continues, whose last ``n`` latents are the motion latents."""
     video = frames_to_tensor(frames)  # [3, F, H, W]
     anchor_t = frames_to_tensor(anchor[None])[:, 0] if anchor is not None else None
     if settings.handoff == "latent":
-        tensors = _latent_handoff(model, settings, video, anchor_t, augment)
+        tensors = _latent_handoff(model, settings, video, anchor_t, augment, previous)
+        meta = {**meta, "pro_motion": settings.pro_motion}
     else:
         motion = apply_params(video[:, : max(settings.motion_frames)], augment) if augment else video
         videos = [video] + [
@@ -105,10 +111,12 @@ def encode_window(
     tensors["text"] = model.encode_text([meta["caption"]])[0, :n].to(torch.bfloat16).cpu()
     if model.spec.has_image_encoder:
         tensors["image"] = model.encode_image(Image.fromarray(frames[0]))[0].to(torch.bfloat16).cpu()
-    if audio is not None:
+    if audio is not None:  # with AUDIO_CONTEXT frames either side, from the whole track (as generation reads it)
         feats, rate = audio
-        times = [(meta["start_frame"] + j) / settings.fps for j in range(settings.frames_per_clip)]
+        frames_read = range(-AUDIO_CONTEXT, settings.frames_per_clip + AUDIO_CONTEXT)
+        times = [(meta["start_frame"] + j) / settings.fps for j in frames_read]
         tensors["audio"] = features_for_frames(feats, rate, times).to(torch.bfloat16)
+        meta = {**meta, "audio_context": AUDIO_CONTEXT}
     if pose is not None:
         tensors["pose"] = torch.from_numpy(np.ascontiguousarray(pose)).permute(3, 0, 1, 2).contiguous()
     h, w = frames.shape[1:3]
@@ -138,19 +146,31 @@ def _latent_handoff(
     video: torch.Tensor,
     anchor: torch.Tensor | None,
     augment: AugmentParams | None,
+    previous: dict[int, np.ndarray] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Clean latents, ``anchor`` = the anchor image's latent ``[C, 1, h, w]`` and ``motion.n<n>`` = latents
-    1..n ``[C, n, h, w]`` of the window's first ``1 + 4n`` frames (augmented when asked). The VAE is causal in
-    time, so those frames are encoded once, for the largest ``n``, and each count takes its first latents."""
+    """Clean latents, ``anchor`` = the anchor image's latent ``[C, 1, h, w]`` and ``motion.n<n>`` ``[C, n, h, w]``.
+
+    ``pro_motion=continuation`` (SVI 2.0 Pro's authors' recipe): the last ``n`` latents of the previous clip, the
+    ``F`` frames this window continues (augmented when asked), encoded as one clip: exactly what generation hands
+    on, the last latents of a generated clip. ``window`` (the layout before): latents 1..n of the window's own
+    first ``1 + 4n`` frames; the VAE is causal in time, so those frames are encoded once, for the largest ``n``."""
     if anchor is None:
         raise ValueError("handoff=latent needs an anchor frame")
     latents = model.encode_video(video[None])[0]
     anchor_latent = model.encode_video(anchor[:, None][None])[0]
+    tensors = {"latents": latents, "anchor": anchor_latent}
+    if settings.pro_motion == "continuation":
+        if previous is None or set(previous) != set(settings.motion_latents):
+            raise ValueError("pro_motion=continuation needs the previous clip's frames for every motion count")
+        for n, frames in previous.items():
+            clip = frames_to_tensor(frames)
+            clip = apply_params(clip, augment) if augment else clip
+            tensors[f"motion.n{n}"] = model.encode_video(clip[None])[0][:, -n:]
+        return {k: v.to(torch.bfloat16).cpu().contiguous() for k, v in tensors.items()}
     count = max(settings.motion_latents)
     head = video[:, : 1 + model.spec.vae_temporal * count]
     if augment:
         head = apply_params(head, augment)
     motion = model.encode_video(head[None])[0]
-    tensors = {"latents": latents, "anchor": anchor_latent}
     tensors |= {f"motion.n{n}": motion[:, 1 : 1 + n] for n in settings.motion_latents}
     return {k: v.to(torch.bfloat16).cpu().contiguous() for k, v in tensors.items()}

@@ -25,7 +25,15 @@ from data_tools.encode import choose_anchor, encode_window
 from data_tools.layout import output_paths
 from data_tools.report import Report
 from data_tools.scan import scan
-from data_tools.windows import choose_bucket, crop_box, crop_resize, plan_windows, read_frames
+from data_tools.windows import (
+    choose_bucket,
+    continuation_sources,
+    crop_box,
+    crop_resize,
+    plan_windows,
+    read_frames,
+    resample_indices,
+)
 from svi_infer.atomic import atomic_path, write_json
 from svi_infer.audio import AudioEncoder, AudioError, read_audio
 from svi_infer.model import WanModel
@@ -33,7 +41,9 @@ from svi_infer.schema import SCHEMA_VERSION, Sample, SchemaError, from_members, 
 
 MANIFEST_VERSION = 1
 # DataSettings fields newer than the first manifests (an older manifest lacks them and means their defaults)
-_ADDED_SETTINGS = ("handoff", "motion_latents", "augment", "vae_tiling", "vae_tile_size", "vae_tile_stride")
+_ADDED_SETTINGS = (
+    "handoff", "motion_latents", "augment", "vae_tiling", "vae_tile_size", "vae_tile_stride", "pro_motion",
+)  # fmt: skip
 
 
 def _key_stem(source: str) -> str:
@@ -88,10 +98,17 @@ def run_scan(root: Path, output: Path, settings: DataSettings, report: Report) -
         windows = plan_windows(
             num, src_fps, settings.fps, settings.frames_per_clip, settings.stride, settings.short_videos
         )
+        continuations = _continuations(windows, num, src_fps, settings)
+        if continuations is not None:  # SVI 2.0 Pro: only windows that continue a previous clip
+            windows = [w for w in windows if w.index in continuations]
         if not windows:
             seconds = num / src_fps if src_fps else 0.0
             window = f"{settings.frames_per_clip} frames at {settings.fps} fps"
-            report.skip(entry.source, "too_short", f"{entry.source} is {seconds:.2f} s; a window is {window}")
+            why = f"{entry.source} is {seconds:.2f} s; a window is {window}"
+            if continuations is not None:
+                why += " and the latent hand-off's samples continue a previous clip (pro_motion=continuation): "
+                why += "the video needs a window after the first"
+            report.skip(entry.source, "too_short", why)
             continue
         if entry.audio:
             try:
@@ -118,6 +135,7 @@ def run_scan(root: Path, output: Path, settings: DataSettings, report: Report) -
                         "padded": win.padded,
                         "prev_key": keys[i - 1] if i > 0 else None,
                         "next_key": keys[i + 1] if i + 1 < len(keys) else None,
+                        **(continuations or {}).get(win.index, {}),
                     }
                     for i, (key, win) in enumerate(zip(keys, windows, strict=True))
                 ],
@@ -128,6 +146,25 @@ def run_scan(root: Path, output: Path, settings: DataSettings, report: Report) -
     manifest = {"version": MANIFEST_VERSION, "root": str(root), "settings": asdict(settings), "videos": videos}
     write_json(output_paths(output)["manifest"], manifest)
     return manifest
+
+
+def _continuations(windows: list, num: int, src_fps: float, settings: DataSettings) -> dict[int, dict] | None:
+    """Latent hand-off with ``pro_motion=continuation``: per window that can continue a previous clip, the source
+    frames of that clip per motion count (``previous``) and the frames the anchor is drawn from
+    (``anchor_frames``); None for every other layout."""
+    if settings.handoff != "latent" or settings.pro_motion != "continuation":
+        return None
+    indices = resample_indices(num, src_fps, settings.fps)
+    found = {}
+    for w in windows:
+        sources = continuation_sources(indices, w.start, settings.frames_per_clip, settings.motion_latents)
+        if sources is not None and not w.padded:
+            previous, anchors = sources
+            found[w.index] = {
+                "previous": {str(n): list(p) for n, p in previous.items()},
+                "anchor_frames": list(anchors),
+            }
+    return found
 
 
 def declared_seconds(path: Path) -> float | None:
@@ -249,11 +286,18 @@ def run_encode(
                     frames = crop_resize(read_frames(reader, tuple(w["source_indices"])), box, height, width)
                     anchor_idx = None
                     anchor = None
-                    if enc.needs_anchor:
+                    if "anchor_frames" in w:  # a continuation: the anchor comes from before the previous clip
+                        anchor_idx = rng.choice(w["anchor_frames"])
+                    elif enc.needs_anchor:
                         anchor_idx = choose_anchor(
                             video["source_frames"], tuple(w["source_indices"]), settings.anchor, rng
                         )
+                    if anchor_idx is not None:
                         anchor = crop_resize(read_frames(reader, (anchor_idx,)), box, height, width)[0]
+                    previous = {
+                        int(n): crop_resize(read_frames(reader, tuple(p)), box, height, width)
+                        for n, p in w.get("previous", {}).items()
+                    }
                     augment = draw_params(settings.augment, rng)  # after the crop and anchor draws: none when off
                     pose = None
                     if pose_reader is not None:
@@ -275,7 +319,9 @@ def run_encode(
                 "anchor_frame": anchor_idx,
             }
             try:
-                sample = encode_window(model, enc, key, meta, frames, anchor, audio, pose, augment=augment)
+                sample = encode_window(
+                    model, enc, key, meta, frames, anchor, audio, pose, augment=augment, previous=previous
+                )
                 members = to_members(sample)
             except SchemaError as err:
                 reason = "non_finite" if "non-finite" in str(err) else "invalid_sample"
@@ -324,6 +370,7 @@ def run_pack(manifest: dict, output: Path, settings: DataSettings, spec_id: str,
         "frames_per_clip": settings.frames_per_clip,
         "fps": settings.fps,
         "variant": settings.variant().to_record(),  # what training checks its config against
+        **({"pro_motion": settings.pro_motion} if settings.handoff == "latent" else {}),
         "augment": asdict(settings.augment),
         "samples": len(files),
         "shards": [

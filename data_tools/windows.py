@@ -47,6 +47,24 @@ def plan_windows(
     return [Window(i, s, tuple(indices[s : s + frames_per_clip])) for i, s in enumerate(starts)]
 
 
+def continuation_sources(
+    indices: list[int], start: int, frames_per_clip: int, counts: tuple[int, ...], temporal: int = 4
+) -> tuple[dict[int, tuple[int, ...]], tuple[int, ...]] | None:
+    """SVI 2.0 Pro's training data as its authors make it (their answer in upstream issue #75): the window
+    starting at target frame ``start`` continues a previous clip ``P_n`` of ``frames_per_clip`` frames whose last
+    ``n`` latents hand over, so the window overlaps ``P_n``'s last ``1 + temporal * n`` frames (``P_n`` starts at
+    ``start - (frames_per_clip - 1) + temporal * n``); the anchor is a frame before every ``P_n``.
+
+    Returns ``({n: source indices of P_n}, anchor candidates)`` from ``indices`` (the source frame at each target
+    frame), or None when the video has no frame before the previous clip (the window cannot be a continuation).
+    """
+    firsts = {n: start - (frames_per_clip - 1) + temporal * n for n in counts if n > 0}
+    if not firsts or min(firsts.values()) < 1:
+        return None
+    previous = {n: tuple(indices[p : p + frames_per_clip]) for n, p in firsts.items()}
+    return previous, tuple(indices[: min(firsts.values())])
+
+
 # ``buckets: <name>``: landscape, portrait and square (height, width) sizes of the usual Wan resolutions
 BUCKET_PRESETS: dict[str, tuple[tuple[int, int], ...]] = {
     "480p": ((480, 832), (832, 480), (624, 624)),

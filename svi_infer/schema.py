@@ -13,7 +13,8 @@ member                 tensors
                        1 + 4n frames (first-frame augmented when asked), one per count in ``motion_latents``
 ``text``               ``text`` [L, D] UMT5 embedding at its real length L (padded to 512 on load)
 ``image``              ``image`` [257, 1280] CLIP embedding of the first frame (Wan 2.1 only)
-``audio``              ``audio`` [F, layers, dim] wav2vec2 features per video frame (Talk)
+``audio``              ``audio`` [F + 2c, layers, dim] wav2vec2 features per video frame (Talk): the clip's F frames and
+                       ``c = meta["audio_context"]`` frames either side (0 in shards from before it was stored)
 ``pose``               ``pose`` [3, F, H, W] uint8 pose frames (Dance)
 =====================  ==========================================================================
 
@@ -132,8 +133,9 @@ def validate(sample: Sample, temporal: int | None = None, spatial: int | None = 
     text = t.get("text")
     if text is None or text.ndim != 2 or text.shape[0] != meta["text_len"] or not 0 < text.shape[0] <= TEXT_LEN:
         problems.append(f"text must be [text_len={meta['text_len']} (1..{TEXT_LEN}), D]")
-    if "audio" in t and (t["audio"].ndim != 3 or t["audio"].shape[0] != meta["num_frames"]):
-        problems.append(f"audio must be [num_frames={meta['num_frames']}, layers, dim]")
+    rows = meta["num_frames"] + 2 * meta.get("audio_context", 0)  # the clip's frames and the context either side
+    if "audio" in t and (t["audio"].ndim != 3 or t["audio"].shape[0] != rows):
+        problems.append(f"audio must be [num_frames + 2 x audio_context = {rows}, layers, dim]")
     if "pose" in t:
         want = (3, meta["num_frames"], meta["height"], meta["width"])
         if tuple(t["pose"].shape) != want or t["pose"].dtype != torch.uint8:

@@ -34,6 +34,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 _STATE_ATTR = "_svi_talk"
+AUDIO_CONTEXT = 2  # audio frames shards keep either side of a clip: MultiTalk's window of 5 reaches 2 frames out
 _AUDIO_KEY = re.compile(r"^(audio_proj\.|blocks\.\d+\.(audio_cross_attn|norm_x)\.)")
 
 

@@ -82,11 +82,12 @@ class ConditioningSettings:
 
     audio_dropout: float = 0.0  # Talk: both audio windows zeroed for the sample (SVI: 0.1)
     pose_dropout: float = 0.0  # Dance: the encoded pose zeroed (SVI: 0.05)
-    pose_and_image_dropout: float = 0.0  # Dance: pose, y and the CLIP tokens zeroed, no y error (SVI: 0.1)
+    pose_extra_dropout: float = 0.0  # Dance: a second, independent draw that zeroes the pose (SVI: 0.1)
+    image_dropout: float = 0.0  # Dance: y and the CLIP tokens zeroed, no y error; independent of the pose (SVI: 0.1)
     pose_encoder: str | None = None  # Dance: initial pose encoder weights (dwpose_embedding.*); None: random init
 
     def __post_init__(self) -> None:
-        for name in ("audio_dropout", "pose_dropout", "pose_and_image_dropout"):
+        for name in ("audio_dropout", "pose_dropout", "pose_extra_dropout", "image_dropout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"conditioning.{name} must be a probability in [0, 1], got {value!r}")
@@ -167,7 +168,8 @@ class RecyclingConfig:
     cond_from_all_grids: bool = True
     modulation: float = 0.0  # each sampled error is scaled by U(1 - modulation, 1 + modulation)
     storage_dtype: str = "bfloat16"
-    max_bytes_per_bank: int = 8 * 1024**3
+    # bytes per bank per rank; auto: half the host's available memory / ranks on the node / 2 banks (recycling.capacity)
+    max_bytes_per_bank: int | str = "auto"
     sketch_size: int = 4096  # coordinates per entry sketch used by nearest_l2
     enabled: bool = True
 
@@ -176,10 +178,12 @@ class RecyclingConfig:
             value = getattr(self, name)
             if not _is_number(value) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
-        for name in ("num_grids", "capacity", "cond_error_frames", "max_bytes_per_bank", "sketch_size"):
+        for name in ("num_grids", "capacity", "cond_error_frames", "sketch_size"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.max_bytes_per_bank != "auto" and (not _is_int(self.max_bytes_per_bank) or self.max_bytes_per_bank < 1):
+            raise ValueError(f"max_bytes_per_bank must be auto or an integer >= 1, got {self.max_bytes_per_bank!r}")
         if not _is_int(self.warmup_iters) or self.warmup_iters < 0:
             raise ValueError(f"warmup_iters must be an integer >= 0, got {self.warmup_iters!r}")
         if not _is_number(self.shift) or self.shift <= 0:

@@ -94,9 +94,11 @@ class _Validated:
                 "motion": {int(k.removeprefix("motion.n")): v for k, v in t.items() if k.startswith("motion.n")},
                 "text": padded_text(t["text"], self.text_len),
                 "image": t.get("image"),
-                "audio": t.get("audio"),  # Talk: [F, layers, dim] wav2vec2 features, one row per video frame
+                "audio": t.get("audio"),  # Talk: [F + 2c, layers, dim] wav2vec2 features, one row per video frame
+                "audio_context": sample.meta.get("audio_context", 0),  # c: frames of the track either side
                 "pose": t.get("pose"),  # Dance: [3, F, H, W] uint8 pose video
                 "num_frames": sample.meta["num_frames"],
+                "pro_motion": sample.meta.get("pro_motion"),  # latent hand-off: continuation | window
                 "data_skipped": self.skipped,
             }
         self._check(end_of_pass=True)
@@ -124,8 +126,8 @@ def _stacked(samples: list[dict], name: str) -> Tensor | None:
 
 
 def collate(samples: list[dict]) -> dict:
-    """Stack tensors; conditioning variants present in every sample are kept. ``audio`` is ``[B, F, layers,
-    dim]`` and ``pose`` uint8 ``[B, 3, F, H, W]`` when every sample holds them, else None."""
+    """Stack tensors; conditioning variants present in every sample are kept. ``audio`` is ``[B, F + 2c, layers,
+    dim]`` (``audio_context`` c) and ``pose`` uint8 ``[B, 3, F, H, W]`` when every sample holds them, else None."""
     counts = sorted(set.intersection(*(set(s["cond"]) for s in samples)))
     motion = sorted(set.intersection(*(set(s.get("motion") or {}) for s in samples)))
     batch = {
@@ -137,8 +139,10 @@ def collate(samples: list[dict]) -> dict:
         "text": torch.stack([s["text"] for s in samples]),
         "image": torch.stack([s["image"] for s in samples]) if samples[0]["image"] is not None else None,
         "audio": _stacked(samples, "audio"),
+        "audio_context": samples[0]["audio_context"],
         "pose": _stacked(samples, "pose"),
         "num_frames": samples[0]["num_frames"],
+        "pro_motion": samples[0]["pro_motion"],
         "data_skipped": max(s["data_skipped"] for s in samples),
     }
     return batch

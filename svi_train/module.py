@@ -224,11 +224,14 @@ class SVILitModule(L.LightningModule):
     @torch.no_grad()
     def _update_banks(self, errors, t: torch.Tensor, flags) -> None:
         """Warm-up: every rank inserts every rank's errors (the all_gather runs on all ranks, always, so no
-        rank can skip a collective); afterwards each rank keeps its own."""
+        rank can skip a collective); afterwards each rank keeps its own. As in the reference, the receiving rank's
+        own update decision (its sample clean or not, and its draw) decides for the gathered errors too: sample
+        ``j`` of every rank is kept when this rank keeps its own sample ``j``."""
         update = torch.tensor([should_update(f, self.recycling, self.generator) for f in flags], device=t.device)
         noise, x0 = errors.noise, errors.x0
         if in_warmup(self.rank_state.iteration, self.recycling) and self.trainer.world_size > 1:
-            noise, x0, t, update = (self.all_gather(v).flatten(0, 1) for v in (noise, x0, t, update))
+            noise, x0, t = (self.all_gather(v).flatten(0, 1) for v in (noise, x0, t))
+            update = update.repeat(self.trainer.world_size)  # gathered rank-major: rank r's sample j at r*B + j
         self.rank_state.iteration += 1
         grids = self.experts.bank_grids(t.cpu(), self.step_expert)  # every rank trains the same expert in a step
         for i in range(t.shape[0]):

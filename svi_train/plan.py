@@ -95,7 +95,7 @@ def plan(cfg: DictConfig) -> TrainPlan:
     index = read_index(data.path)
     if index["spec"] != spec.id and get_spec(index["spec"]).family != spec.family:
         raise UserError(f"the shards in {data.path} were encoded for {index['spec']}, not {spec.id}")
-    check_trained_variant(shards_variant(index, data.path, conditioning.name), variant, data.path)
+    check_trained_variant(shards_variant(index, data.path, conditioning.name), variant, data.path, index)
     conditioning.check_training(
         spec, defaults.get("fps"), index["fps"], settings["callbacks"].preview_every_n_steps > 0
     )

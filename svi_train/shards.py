@@ -65,9 +65,16 @@ def shards_variant(index: dict, path: str | Path, unrecorded_conditioning: str =
     )
 
 
-def check_trained_variant(shards: VariantSpec, trained: VariantSpec, path: str | Path) -> None:
+def check_trained_variant(shards: VariantSpec, trained: VariantSpec, path: str | Path, index: dict) -> None:
     """Refuse a training config that asks of the shards what they were not prepared with, naming each difference
-    and both ways out."""
+    and both ways out; and latent hand-off shards from before SVI 2.0 Pro's authors' recipe."""
+    if trained.handoff == "latent" and shards.handoff == "latent" and "pro_motion" not in index:
+        raise UserError(
+            f"the shards in {path} were prepared with the earlier SVI 2.0 Pro layout (motion latents taken from the "
+            "window's own first frames, which teaches the model to copy them): prepare them again with "
+            f"`{trained.prepare_command()}` for the authors' recipe (the window continues a previous clip), or "
+            "with pro_motion=window to keep the earlier layout"
+        )
     problems = shards.contradictions(trained)
     if problems:
         raise UserError(

@@ -128,21 +128,29 @@ class LatentHandoff:
     def training_inputs(
         self, batch: dict, counts: tuple[int, ...], p_more: float, generator: torch.Generator
     ) -> tuple[Tensor, Tensor, int, int]:
-        """``(x0, y, held, n)``: ``n`` motion latents drawn among ``counts`` (0 = a clip-0 sample), then the target
-        and held latents of :func:`~svi_infer.conditioning.pro_training_pair` (``held`` of them); y carries them
-        (on TI2V-5B only so that the conditioning error lands on them: they then replace the first frames of the
-        DiT input)."""
-        from svi_infer.conditioning import held_y, pro_training_pair
+        """``(x0, y, held, n)``: ``n`` motion latents drawn among ``counts`` (0 = a clip-0 sample: the window's
+        latent 0 is its own anchor), then the target and the held latents (``held`` of them); y carries them (on
+        TI2V-5B only so that the conditioning error lands on them: they then replace the first frames of the DiT
+        input).
 
-        if batch.get("anchor") is None:
+        Samples made with ``pro_motion=continuation`` (the authors' recipe) continue a previous clip whose last
+        latents are the motion: the target is the window as it is, held = anchor + motion. Those made with
+        ``pro_motion=window`` follow :func:`~svi_infer.conditioning.pro_training_pair`."""
+        from svi_infer.conditioning import held_latents, held_y, pro_training_pair
+
+        if batch.get("anchor") is None or batch.get("pro_motion") is None:
             raise ValueError(
-                f"variant.handoff=latent but the batch of samples {batch['key']} holds no anchor latent: prepare the "
-                "shards with `python -m data_tools prepare handoff=latent ...`"
+                f"variant.handoff=latent but the samples {batch['key']} hold no anchor latent or were made before "
+                "SVI 2.0 Pro's authors' recipe: prepare the shards again with "
+                "`python -m data_tools prepare handoff=latent ...`"
             )
         x0 = batch["latents"].float().cpu()
         n, motion = draw_count({0: None} | batch["motion"], counts, p_more, generator)
         anchor = batch["anchor"].float().cpu()
-        x0, held = pro_training_pair(x0, anchor, None if motion is None else motion.float().cpu())
+        if motion is not None and batch["pro_motion"] == "continuation":
+            held = held_latents(anchor, motion.float().cpu())
+        else:
+            x0, held = pro_training_pair(x0, anchor, None if motion is None else motion.float().cpu())
         return x0, held_y(held, x0.shape[-3]), held.shape[-3], n
 
 

@@ -205,7 +205,8 @@ class TalkConditioning(Conditioning):
                 f"variant.conditioning=audio (Talk) but the batch of samples {batch['key']} holds no audio "
                 "features: prepare the shards with `python -m data_tools prepare audio=true fps=25 ...`"
             )
-        set_audio(transformer, batch_audio_windows(batch["audio"], dropped, self.config))
+        windows = batch_audio_windows(batch["audio"], dropped, self.config, batch["num_frames"], batch["audio_context"])
+        set_audio(transformer, windows)
 
 
 def _multitalk_file(multitalk: str | Path | None) -> Path | None:
@@ -293,16 +294,20 @@ def clip_audio_windows(
     return latent_windows(per_frame, vae_scale)
 
 
-def batch_audio_windows(audio: Tensor, dropped: list[Dropped], config: TalkConfig) -> AudioWindows:
-    """Training: per-sample audio windows of a batch of shard features ``[B, F, layers, dim]`` (one row per video
-    frame of the clip); a dropped sample's windows are zeros (as MultiTalk's audio-free input).
+def batch_audio_windows(
+    audio: Tensor, dropped: list[Dropped], config: TalkConfig, num_frames: int, context: int = 0
+) -> AudioWindows:
+    """Training: per-sample audio windows of a batch of shard features ``[B, F + 2 context, layers, dim]`` (one row
+    per video frame: the clip's ``num_frames`` and ``context`` of the track either side); a dropped sample's
+    windows are zeros (as MultiTalk's audio-free input).
 
-    Each frame's ±2 window is clamped inside the clip: the shard holds only the clip's frames.
+    With the shards' context of 2, each frame's ±2 window reads the track exactly as generation does
+    (:func:`clip_audio_windows`); shards from before the context was stored (0) clamp it inside the clip.
     """
     from svi_infer.talk import AudioWindows, audio_windows
 
     windows = []
     for features, drop in zip(audio.float(), dropped, strict=True):
-        w = audio_windows(features, window=config.window, vae_scale=config.vae_scale)
+        w = audio_windows(features, num_frames, context, window=config.window, vae_scale=config.vae_scale)
         windows.append(w.zeros_like() if drop.audio else w)
     return AudioWindows.stack(windows)

@@ -133,7 +133,9 @@ def test_talk_audio_and_dance_pose(dataset, tmp_path):
     out = tmp_path / "talk"
     run(compose_data([f"input={dataset}", f"output={out}", *SMALL, "audio=true", "max_skip_ratio=1.0"]))
     _, samples = _samples(out)
-    assert samples and all(s.tensors["audio"].shape == (17, 2, 16) for s in samples)
+    # the clip's 17 frames and 2 of the track either side, as the Talk modules read them at generation
+    assert samples and all(s.tensors["audio"].shape == (17 + 4, 2, 16) for s in samples)
+    assert all(s.meta["audio_context"] == 2 for s in samples)
     report = json.loads((out / "report.json").read_text())
     assert set(report["skipped_by_reason"]) <= {"no_audio"}
     out = tmp_path / "dance"

@@ -23,7 +23,14 @@ from tests.helpers import changed_sample, compose_data
 
 A14B = "tiny-wan2.2-i2v-a14b"
 SMALL = ["buckets=[[48,80]]", "progress=false"]
-PRO = ["model=tiny_wan22_i2v_a14b", "frames_per_clip=17", "handoff=latent", "motion_latents=[1,2]", *SMALL]
+PRO = [
+    "model=tiny_wan22_i2v_a14b",
+    "frames_per_clip=17",
+    "handoff=latent",
+    "motion_latents=[1,2]",
+    "pro_motion=window",
+    *SMALL,
+]
 
 
 def _samples(output):
@@ -206,7 +213,7 @@ def test_a14b_pixel_handoff_with_augmentation(clips, tmp_path):
 
 def test_ti2v_5b_latent_handoff_end_to_end(clips, tmp_path):
     out = tmp_path / "5b"
-    overrides = ["model=tiny_wan22_ti2v_5b", "frames_per_clip=9", "fps=16", "stride=16", "buckets=[[64,96]]"]
+    overrides = ["model=tiny_wan22_ti2v_5b", "frames_per_clip=9", "fps=16", "stride=8", "buckets=[[64,96]]"]
     overrides += ["progress=false"]
     run(compose_data([f"input={clips}", f"output={out}", *overrides, "handoff=latent", "augment.strength=1.0"]))
     index, samples = _samples(out)
@@ -218,7 +225,7 @@ def test_ti2v_5b_latent_handoff_end_to_end(clips, tmp_path):
 
 
 def test_resumed_latent_prepare_with_augmentation_is_byte_identical(clips, tmp_path, monkeypatch):
-    args = [f"input={clips}", "frames_per_clip=9", "stride=16", "handoff=latent", "crop=random", *SMALL]
+    args = [f"input={clips}", "frames_per_clip=9", "stride=8", "handoff=latent", "crop=random", *SMALL]
     args += ["augment.strength=1.0"]
     run(compose_data([*args, f"output={tmp_path / 'full'}"]))
     original, calls = stages.encode_window, []
@@ -408,3 +415,42 @@ def test_vae_tiling_is_on_and_close_to_untiled(tmp_path):
     assert not _model(compose_data([]), spec, settings_from(compose_data([]), spec)).vae.use_tiling
     with pytest.raises(ValueError, match="multiples of 8"):
         settings_from(compose_data(["vae_tiling=true", "vae_tile_size=50"]), spec)
+
+
+def test_pro_continuation_samples_hand_on_the_previous_clips_last_latents(tmp_path, a14b):
+    """pro_motion=continuation (the default): each sample continues the clip that ends 4n frames into it, its
+    motion latents are that clip's last n latents encoded as one clip, and the anchor comes from before it."""
+    root = tmp_path / "long"
+    make_dataset(root, num_clips=4, fps=16, size=(96, 64), seconds=2.5)  # 40 frames: windows at 0, 13, 26
+    out = tmp_path / "ds"
+    run(compose_data([f"input={root}", f"output={out}", "model=tiny_wan22_i2v_a14b", "frames_per_clip=13", *SMALL]
+                     + ["handoff=latent", "motion_latents=[1,2]"]))  # fmt: skip
+    index, samples = _samples(out)
+    assert index["pro_motion"] == "continuation"
+    # a window at s continues the clip at s - 12 + 4n: windows at 13 and 26 (0 has nothing before it)
+    starts = {}
+    for s in samples:
+        starts.setdefault(s.meta["source"], []).append(s.meta["start_frame"])
+    assert len(starts) == 4 and all(sorted(v) == [13, 26] for v in starts.values())
+    assert all(s.meta["pro_motion"] == "continuation" for s in samples)
+    for s in samples:
+        start = s.meta["start_frame"]
+        assert s.meta["anchor_frame"] < start - 12 + 4  # before the earliest previous clip (n = 1)
+        for n in (1, 2):
+            clip = _frames(root, out, s, indices=range(start - 12 + 4 * n, start + 4 * n + 1))
+            expected = a14b.encode_video(frames_to_tensor(clip)[None])[0][:, -n:]
+            stored = s.tensors[f"motion.n{n}"].float()  # bf16: within its rounding of the float encode
+            torch.testing.assert_close(stored, expected, rtol=1e-2, atol=1e-2)
+            own = _frames(root, out, s, count=1 + 4 * n)  # the earlier layout: the window's own first frames
+            copied = a14b.encode_video(frames_to_tensor(own)[None])[0][:, 1 : 1 + n]
+            assert (stored - copied).abs().max() > 0.1  # the tolerance tells the two layouts apart
+
+
+def test_pro_continuation_skips_a_video_too_short_for_two_windows(clips, tmp_path):
+    out = tmp_path / "short"
+    args = [f"input={clips}", f"output={out}", "model=tiny_wan22_i2v_a14b", "frames_per_clip=17", "handoff=latent"]
+    with pytest.raises(Exception, match="no usable sample"):
+        run(compose_data([*args, *SMALL]))
+    report = json.loads((out / "report.json").read_text())
+    assert report["skipped_by_reason"] == {"too_short": 4}
+    assert "continue a previous clip" in report["skipped"][0]["detail"]

@@ -105,3 +105,27 @@ def test_export_round_trips(shards, tmp_path, fmt, source):
     load_adapter(model, out)
     inputs = dit_inputs()
     assert_same_outputs(model.transformers[0](**inputs)[0], reference.transformers[0](**inputs)[0])
+
+
+def test_warmup_sharing_follows_the_receiving_ranks_own_update_draw():
+    """During the warm-up the gathered errors of every rank enter this rank's banks when this rank keeps its own
+    sample (its clean flag and its draw), as the reference does; the senders' decisions do not count."""
+    from types import SimpleNamespace
+
+    from svi_infer.spec import get_spec
+    from svi_train.config import LoraSettings, OptimSettings
+    from svi_train.module import SVILitModule
+    from svi_train.recycling import Errors, Flags, RecyclingConfig
+
+    recycling = RecyclingConfig(warmup_iters=10, capacity=64, p_clean_update=0.0)
+    module = SVILitModule(get_spec(TINY21), None, LoraSettings(rank=2, alpha=2.0), recycling, OptimSettings())
+    module._trainer = SimpleNamespace(world_size=2)
+    module.all_gather = lambda v: torch.stack([v, v + 100.0])  # this rank's, then the "other" rank's values
+    kept, clean = Flags(True, True, True, False), Flags(False, False, False, True)
+    errors = Errors(noise=torch.ones(2, 16, 3, 6, 10), x0=torch.ones(2, 16, 3, 6, 10))
+    t = torch.tensor([100.0, 900.0])
+    module._update_banks(errors, t, [kept, clean])  # sample 0 kept, sample 1 clean and not updated (p=0)
+    # sample 0 of both ranks is in, sample 1 of neither (the other rank's sample 1 follows this rank's draw)
+    assert len(module.noise_errors) == len(module.x0_errors) == 2
+    module._update_banks(errors, t, [kept, kept])
+    assert len(module.noise_errors) == 6

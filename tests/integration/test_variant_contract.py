@@ -92,3 +92,17 @@ def test_adapter_records_its_variant_and_generation_follows_it(adapter, image_fi
         with pytest.raises(AdapterError, match="was not trained for") as err:
             app.plan(compose_infer([*base, override]))
         assert problem in str(err.value)
+
+
+def test_latent_shards_from_before_the_authors_recipe_are_refused(shards, tmp_path):
+
+    from svi_train.shards import check_trained_variant
+
+    latent = VariantSpec("text", "latent", -1, (), (0, 1))
+    index = json.loads((shards / "index.json").read_text())
+    old = {k: v for k, v in index.items() if k != "pro_motion"}
+    with pytest.raises(UserError, match="earlier SVI 2.0 Pro layout .* pro_motion=window to keep"):
+        check_trained_variant(VariantSpec("text", "latent", -1, (), (1,)), latent, tmp_path, old)
+    check_trained_variant(
+        VariantSpec("text", "latent", -1, (), (1,)), latent, tmp_path, {**old, "pro_motion": "window"}
+    )

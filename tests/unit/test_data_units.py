@@ -209,3 +209,23 @@ def test_settings_name_the_variant_their_shards_feed():
     assert DataSettings(pose=True).variant().conditioning == "pose"
     with pytest.raises(ValueError, match="a shard folder feeds one conditioning"):
         DataSettings(audio=True, pose=True).variant()
+
+
+def test_continuation_sources_follow_the_authors_recipe_frame_by_frame():
+    """SVI 2.0 Pro (upstream issue #75), frames counted from 1: anchor from 1..k, previous clip k+1..k+81 (its last
+    latent hands over), target from k+77. Here 0-based: a window at 81 continues the clip at 5..85."""
+    from data_tools.windows import continuation_sources
+
+    indices = list(range(300))
+    previous, anchors = continuation_sources(indices, 81, 81, (1,))
+    assert previous == {1: tuple(range(5, 86))} and anchors == tuple(range(5))
+    assert previous[1][-5:] == tuple(range(81, 86))  # the window's first 5 frames are the previous clip's last 5
+    # n = 2 latents: the clip ends 8 frames into the window; the anchor comes before every previous clip
+    previous, anchors = continuation_sources(indices, 81, 81, (1, 2))
+    assert previous[2] == tuple(range(9, 90)) and anchors == tuple(range(5))
+    # resampled source frames are carried through; a window with no frame before its previous clip has none
+    previous, _ = continuation_sources([2 * i for i in range(300)], 100, 81, (1,))
+    assert previous[1][:2] == (48, 50)
+    assert continuation_sources(indices, 76, 81, (1,)) is None  # its previous clip would start at frame 0
+    assert continuation_sources(indices, 77, 81, (1,)) == ({1: tuple(range(1, 82))}, (0,))
+    assert continuation_sources(indices, 81, 81, (0,)) is None  # no motion: nothing to continue

@@ -162,3 +162,29 @@ def test_text_conditioning_draws_nothing_and_drops_nothing():
     state = g.get_state()
     assert make_conditioning("text", audio_dropout=1.0).draw_dropout(g) == Dropped()
     assert torch.equal(g.get_state(), state)
+
+
+def _latent_batch(pro_motion: str | None) -> dict:
+    g = torch.Generator().manual_seed(4)
+    return {
+        "key": ["a"],
+        "latents": torch.randn(1, 16, 5, 2, 3, generator=g),
+        "anchor": torch.randn(1, 16, 1, 2, 3, generator=g),
+        "motion": {1: torch.randn(1, 16, 1, 2, 3, generator=g)},
+        "pro_motion": pro_motion,
+    }
+
+
+def test_latent_training_inputs_follow_how_the_samples_were_made():
+    handoff, g = make_handoff("latent"), torch.Generator().manual_seed(0)
+    batch = _latent_batch("continuation")
+    x0, y, held, n = handoff.training_inputs(batch, (1,), 0.9, g)
+    # the authors' recipe: the target is the window as it is; y = mask, anchor, the previous clip's last latent, 0
+    assert n == 1 and held == 2 and torch.equal(x0, batch["latents"])
+    assert torch.equal(y[:, 4:, 0:1], batch["anchor"]) and torch.equal(y[:, 4:, 1:2], batch["motion"][1])
+    assert not y[:, 4:, 2:].any() and y[:, :4, 0].eq(1).all() and not y[:, :4, 1:].any()
+    batch = _latent_batch("window")  # the earlier layout: latent 0 of the target is the anchor
+    x0, y, held, n = handoff.training_inputs(batch, (1,), 0.9, g)
+    assert torch.equal(x0[:, :, :1], batch["anchor"]) and torch.equal(x0[:, :, 1:], batch["latents"][:, :, 1:])
+    with pytest.raises(ValueError, match="prepare the shards again"):
+        handoff.training_inputs(_latent_batch(None), (1,), 0.9, g)
