@@ -25,6 +25,7 @@ SVI_META = "svi.json"
 SVI_FILE_METADATA = "svi"  # the safetensors metadata key holding svi.json's contents in a single exported file
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 DIFFUSERS_METADATA = "lora_adapter_metadata"
+POSE_WEIGHTS = "pose_encoder.safetensors"  # a Dance adapter's pose encoder, beside its LoRA (not inside: see below)
 META_FORMAT = 1
 
 
@@ -97,6 +98,25 @@ def weights_file(path: Path) -> Path:
         f"adapter directory {path} holds neither {ADAPTER_WEIGHTS} nor {DIFFUSERS_WEIGHTS} "
         f"(nor {HIGH_NOISE}/ or {LOW_NOISE}/ sub-directories of a Wan 2.2 A14B adapter)"
     )
+
+
+def pose_sibling(file: Path) -> Path:
+    """Where a single LoRA file's pose encoder goes: ``<stem>.pose_encoder.safetensors`` beside it.
+
+    The pose encoder is kept out of the LoRA file so that diffusers' ``load_lora_weights`` and ComfyUI's LoRA
+    loader, which refuse or choke on non-LoRA keys, take the LoRA file as it is."""
+    return file.with_name(f"{file.stem}.{POSE_WEIGHTS}")
+
+
+def pose_weights_file(path: str | Path) -> Path | None:
+    """The pose encoder file beside an adapter's LoRA: ``pose_encoder.safetensors`` in an adapter directory (peft or
+    diffusers export), :func:`pose_sibling` of a single file; None when there is none (not a Dance adapter, or an
+    SVI file holding its ``dwpose_embedding.*`` weights inside)."""
+    path = Path(path).expanduser()
+    if path.is_file() and path.name in (ADAPTER_WEIGHTS, DIFFUSERS_WEIGHTS):  # the weights of a directory, named
+        path = path.parent
+    candidate = path / POSE_WEIGHTS if path.is_dir() else pose_sibling(path)
+    return candidate if candidate.is_file() else None
 
 
 def file_metadata(file: Path) -> dict[str, str]:

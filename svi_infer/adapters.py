@@ -1,4 +1,4 @@
-"""LoRA adapters: the project's adapter directory, and official SVI / ComfyUI / diffusers LoRA files.
+"""LoRA adapters: the project's adapter directory, and official SVI / ComfyUI / diffusers / kohya LoRA files.
 
 An adapter directory holds ``adapter_model.safetensors`` (peft keys on diffusers module names),
 ``adapter_config.json`` (the peft ``LoraConfig``) and ``svi.json`` (base spec, expert, the variant's
@@ -9,11 +9,26 @@ or the ``"svi"`` safetensors metadata of an exported file) are read torch-free b
 
 Single files are read in the formats found in the wild (reference/peers.md §4): peft/diffusers names
 (optionally ``transformer.``-prefixed), Wan's original names with peft's ``.default`` segment (optionally
-``pipe.dit.``-prefixed, as SVI ships them), and ComfyUI's ``diffusion_model.`` + ``lora_A/lora_B`` or
-``lora_down/lora_up`` + ``.alpha``. Loading is strict: a key that matches no module is reported by name.
+``pipe.dit.``-prefixed, as SVI ships them), ComfyUI's ``diffusion_model.`` + ``lora_A/lora_B`` or
+``lora_down/lora_up`` + ``.alpha``, and kohya / musubi-tuner's ``lora_unet_<name with _ for .>`` +
+``lora_down/lora_up`` + ``.alpha`` (the underscore name is resolved against the known Wan and diffusers module
+names, never split blindly). A LoRA scales by ``alpha / rank`` (alpha = rank when the file gives none).
+Loading is strict: a key that matches no module is reported by name.
 
-SVI-Dance adapters also carry the trained pose encoder as ``dwpose_embedding.<i>.weight`` / ``.bias`` (under any
-prefix, as SVI's ``svi-dance.safetensors`` and UniAnimate-DiT ship it): loading one attaches a
+Full-weight deltas (LightX2V and its kind: ``<module>.diff`` for the weight, ``<module>.diff_b`` for the bias, any
+prefix and naming above, on any module with that parameter: linear layers, norms, the patch embedding) are not
+LoRA and peft cannot hold them: :func:`load_adapter` adds them to the base parameters themselves, at strength 1
+(W += diff, b += diff_b), and records the parameter's value from before plus each adapter's delta on the
+transformer. :func:`set_strength` then recomputes W = W_before + strength * diff for every recorded parameter (it
+never adds on top of what was added), so a delta is applied once, scales with the peft LoRA of the same file,
+and strength 0 gives back the base weights exactly. The record costs a CPU copy of each changed parameter and its
+delta (small for LightX2V files: norms, biases, the head). Deltas are not written back by :func:`save_adapter`.
+
+SVI-Dance adapters also carry the trained pose encoder (``dwpose_embedding.<i>.weight`` / ``.bias``): written by
+this project beside the LoRA (``pose_encoder.safetensors`` in an adapter directory or diffusers export,
+``<stem>.pose_encoder.safetensors`` beside a single file, :func:`~svi_infer.adapter_files.pose_weights_file`),
+so that the LoRA file loads in diffusers and ComfyUI; SVI's ``svi-dance.safetensors`` and UniAnimate-DiT hold it
+inside the LoRA file (under any prefix), which is read too. Loading one attaches a
 :class:`~svi_infer.pose.PoseEncoder` to the transformer(s) with exactly those weights.
 """
 
@@ -22,9 +37,10 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
@@ -36,12 +52,15 @@ from svi_infer.adapter_files import (  # noqa: F401  (re-exported: what an adapt
     DIFFUSERS_METADATA,
     DIFFUSERS_WEIGHTS,
     META_FORMAT,
+    POSE_WEIGHTS,
     SVI_FILE_METADATA,
     SVI_META,
     AdapterError,
     AdapterMeta,
     expert_dirs,
     file_metadata,
+    pose_sibling,
+    pose_weights_file,
     read_meta,
     weights_file,
 )
@@ -53,6 +72,8 @@ from svi_infer.spec import ModelSpec
 _PREFIXES = ("base_model.model.", "pipe.dit.", "diffusion_model.", "transformer.")
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_down|lora_up)(?:\.[A-Za-z0-9_]+)?\.weight$")
 _ALPHA_KEY = re.compile(r"^(?P<module>.+)\.alpha$")
+_DIFF_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>diff|diff_b)$")
+_KOHYA_PREFIX = "lora_unet_"
 # Wan's original module names -> diffusers' WanTransformer3DModel names (reference/svi.md §5.3).
 _BLOCK_NAMES = {
     "self_attn.q": "attn1.to_q",
@@ -78,6 +99,25 @@ _TOP_NAMES = {
     "img_emb.proj.1": "condition_embedder.image_embedder.ff.net.0.proj",
     "img_emb.proj.3": "condition_embedder.image_embedder.ff.net.2",
 }
+# modules that only full-weight deltas (``.diff``) reach; Wan's norm3 (the cross-attention norm) is diffusers' norm2
+# (diffusers' own norm3 has no weights, so no file names it)
+_BLOCK_NORMS = {
+    "norm3": "norm2",
+    "self_attn.norm_q": "attn1.norm_q",
+    "self_attn.norm_k": "attn1.norm_k",
+    "cross_attn.norm_q": "attn2.norm_q",
+    "cross_attn.norm_k": "attn2.norm_k",
+    "cross_attn.norm_k_img": "attn2.norm_added_k",
+}
+_TOP_NORMS = {
+    "img_emb.proj.0": "condition_embedder.image_embedder.norm1",
+    "img_emb.proj.4": "condition_embedder.image_embedder.norm2",
+}
+_ALL_BLOCK_NAMES = {**_BLOCK_NAMES, **_BLOCK_NORMS}
+_ALL_TOP_NAMES = {**_TOP_NAMES, **_TOP_NORMS}
+# kohya's underscore names -> dotted names, for every known module in either naming
+_KOHYA_BLOCK = {n.replace(".", "_"): n for n in (*_ALL_BLOCK_NAMES, *_ALL_BLOCK_NAMES.values())}
+_KOHYA_TOP = {n.replace(".", "_"): n for n in (*_ALL_TOP_NAMES, *_ALL_TOP_NAMES.values(), "patch_embedding")}
 
 
 @dataclass
@@ -87,12 +127,23 @@ class LoraWeights:
     down: Tensor | None = None
     up: Tensor | None = None
     alpha: float | None = None
+    diff: Tensor | None = None  # a full weight delta (``.diff``), added to the weight
+    diff_b: Tensor | None = None  # a bias delta (``.diff_b``), added to the bias
     keys: list[str] = field(default_factory=list)  # the file's own key names, for error messages
+
+    @property
+    def is_lora(self) -> bool:
+        """Whether it has a LoRA part (an alpha alone counts: it asks for matrices that are missing)."""
+        return self.down is not None or self.up is not None or (self.alpha is not None and not self.has_delta)
+
+    @property
+    def has_delta(self) -> bool:
+        return self.diff is not None or self.diff_b is not None
 
 
 def _free_name(transformers: list[nn.Module], name: str) -> str:
     """``name``, or ``name_2``, ``name_3``... if a transformer already has an adapter of that name."""
-    taken = set().union(*(set(getattr(t, "peft_config", None) or {}) for t in transformers))
+    taken = set().union(*(set(getattr(t, "peft_config", None) or {}) | _delta_adapters(t) for t in transformers))
     candidate, n = name, 1
     while candidate in taken:
         n += 1
@@ -125,33 +176,58 @@ def original_module_name(name: str) -> str:
 
 def diffusers_module_name(name: str) -> str:
     """Map a module name in Wan's original layout to diffusers' (diffusers names pass through)."""
-    if name in _TOP_NAMES:
-        return _TOP_NAMES[name]
+    if name in _ALL_TOP_NAMES:
+        return _ALL_TOP_NAMES[name]
     match = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
-    if match and match.group(2) in _BLOCK_NAMES:
-        return f"blocks.{match.group(1)}.{_BLOCK_NAMES[match.group(2)]}"
+    if match and match.group(2) in _ALL_BLOCK_NAMES:
+        return f"blocks.{match.group(1)}.{_ALL_BLOCK_NAMES[match.group(2)]}"
     return name
+
+
+def kohya_module_name(name: str) -> str | None:
+    """The dotted module name of a kohya / musubi-tuner name (``blocks_0_self_attn_q``, ``lora_unet_`` removed).
+
+    Underscores are ambiguous (``self_attn_q`` vs ``k_img``), so the name is looked up among the known Wan and
+    diffusers module names instead of split; None if it is none of them."""
+    match = re.fullmatch(r"blocks_(\d+)_(.+)", name)
+    if match:
+        inner = _KOHYA_BLOCK.get(match.group(2))
+        return f"blocks.{match.group(1)}.{inner}" if inner else None
+    return _KOHYA_TOP.get(name)
+
+
+def _module_name(raw: str) -> str:
+    """The diffusers module name of a key's module part, in any supported naming (unknown names pass through,
+    to be reported as unmatched)."""
+    if raw.startswith(_KOHYA_PREFIX):
+        raw = kohya_module_name(raw[len(_KOHYA_PREFIX) :]) or raw
+    return diffusers_module_name(raw)
 
 
 def parse_lora_state_dict(state_dict: dict[str, Tensor]) -> tuple[dict[str, LoraWeights], list[str]]:
     """Group a LoRA state dict of any supported format by diffusers module name.
 
-    Returns the per-module weights and the keys that are not LoRA weights or alphas.
+    Returns the per-module weights (LoRA matrices, alpha, ``diff`` / ``diff_b`` deltas) and the keys that are none
+    of these (pose encoder weights among them).
     """
     modules: dict[str, LoraWeights] = {}
     not_lora: list[str] = []
     for key, tensor in state_dict.items():
         bare = _strip_prefixes(key)
         if match := _LORA_KEY.match(bare):
-            entry = modules.setdefault(diffusers_module_name(match.group("module")), LoraWeights())
+            entry = modules.setdefault(_module_name(match.group("module")), LoraWeights())
             entry.keys.append(key)
             if match.group("kind") in ("lora_A", "lora_down"):
                 entry.down = tensor
             else:
                 entry.up = tensor
         elif match := _ALPHA_KEY.match(bare):
-            entry = modules.setdefault(diffusers_module_name(match.group("module")), LoraWeights())
+            entry = modules.setdefault(_module_name(match.group("module")), LoraWeights())
             entry.alpha = float(tensor)
+            entry.keys.append(key)
+        elif match := _DIFF_KEY.match(bare):
+            entry = modules.setdefault(_module_name(match.group("module")), LoraWeights())
+            setattr(entry, match.group("kind"), tensor)
             entry.keys.append(key)
         else:
             not_lora.append(key)
@@ -188,25 +264,89 @@ def _check_against(
     source: Path,
     spec: ModelSpec,
 ) -> tuple[dict[str, LoraWeights], list[str]]:
-    """Split modules into those that fit the transformer and the names that match nothing."""
+    """Split modules into those that fit the transformer and the keys that match nothing."""
     targets = dict(transformer.named_modules())
     fitting: dict[str, LoraWeights] = {}
     unmatched = list(not_lora)
     for name, w in modules.items():
         module = targets.get(name)
-        if not isinstance(module, nn.Linear):
+        base = getattr(module, "base_layer", module)  # a module another adapter already wrapped
+        if module is None or (w.is_lora and not isinstance(base, nn.Linear)):
             unmatched.extend(w.keys)
             continue
-        if w.down is None or w.up is None:
-            raise AdapterError(f"adapter {source}: module {name} has only one of its two LoRA matrices")
-        rank = w.down.shape[0]
-        if w.down.shape != (rank, module.in_features) or w.up.shape != (module.out_features, rank):
-            raise AdapterError(
-                f"adapter {source} does not fit {spec.id}: {name} is {module.in_features}->{module.out_features} "
-                f"but the LoRA is {tuple(w.down.shape)} / {tuple(w.up.shape)}; it was made for another base"
-            )
-        fitting[name] = w
+        if w.is_lora:
+            if w.down is None or w.up is None:
+                raise AdapterError(f"adapter {source}: module {name} has only one of its two LoRA matrices")
+            rank = w.down.shape[0]
+            if w.down.shape != (rank, base.in_features) or w.up.shape != (base.out_features, rank):
+                raise AdapterError(
+                    f"adapter {source} does not fit {spec.id}: {name} is {base.in_features}->{base.out_features} "
+                    f"but the LoRA is {tuple(w.down.shape)} / {tuple(w.up.shape)}; it was made for another base"
+                )
+        for kind, attr in (("weight", "diff"), ("bias", "diff_b")):
+            param, delta = getattr(base, kind, None), getattr(w, attr)
+            if delta is None:
+                continue
+            if not isinstance(param, nn.Parameter):  # e.g. a norm without affine weights: skip it
+                unmatched.extend(k for k in w.keys if k.endswith(f".{attr}"))
+                w = replace(w, **{attr: None})
+            elif param.shape != delta.shape:
+                raise AdapterError(
+                    f"adapter {source} does not fit {spec.id}: {name}.{kind} is {tuple(param.shape)} but its delta is "
+                    f"{tuple(delta.shape)}; it was made for another base"
+                )
+        if w.is_lora or w.has_delta:
+            fitting[name] = w
     return fitting, unmatched
+
+
+@dataclass
+class _Delta:
+    """A base parameter changed by full-weight deltas: its value before them, and each adapter's delta and strength."""
+
+    param: nn.Parameter
+    before: Tensor
+    deltas: dict[str, Tensor] = field(default_factory=dict)
+    strengths: dict[str, float] = field(default_factory=dict)
+
+    def apply(self) -> None:
+        """param = before + sum(strength * delta), computed in float32 from the saved value (never accumulated)."""
+        device = self.param.device
+        total = self.before.to(device, torch.float32)
+        for adapter, delta in self.deltas.items():
+            total = total + self.strengths[adapter] * delta.to(device, torch.float32)
+        with torch.no_grad():
+            self.param.copy_(total.to(self.param.dtype))
+
+
+_DELTAS = "_svi_weight_deltas"  # the transformer attribute holding {parameter name: _Delta}
+
+
+def _deltas(transformer: nn.Module) -> dict[str, _Delta]:
+    return transformer.__dict__.setdefault(_DELTAS, {})
+
+
+def _delta_adapters(transformer: nn.Module) -> set[str]:
+    return {a for d in transformer.__dict__.get(_DELTAS, {}).values() for a in d.deltas}
+
+
+def _apply_deltas(transformer: nn.Module, modules: dict[str, LoraWeights], adapter_name: str) -> None:
+    """Add the ``diff`` / ``diff_b`` deltas to the base parameters at strength 1, recorded for :func:`set_strength`."""
+    targets = dict(transformer.named_modules())
+    registry = _deltas(transformer)
+    for name, w in modules.items():
+        base = getattr(targets[name], "base_layer", targets[name])
+        for kind, delta in (("weight", w.diff), ("bias", w.diff_b)):
+            if delta is None:
+                continue
+            param = getattr(base, kind)
+            entry = registry.get(f"{name}.{kind}")
+            if entry is None:
+                # the value before any delta, kept on the CPU: set_strength recomputes from it
+                entry = registry[f"{name}.{kind}"] = _Delta(param, param.detach().to("cpu", copy=True))
+            entry.deltas[adapter_name] = delta.detach().to(torch.float32).clone()
+            entry.strengths[adapter_name] = 1.0
+            entry.apply()
 
 
 def _inject(transformer: nn.Module, modules: dict[str, LoraWeights], adapter_name: str) -> None:
@@ -237,15 +377,25 @@ def is_pose_key(key: str) -> bool:
     return f"{POSE_KEY}." in key
 
 
-def _pose_encoder(transformers: list[nn.Module], state_dict: dict[str, Tensor], file: Path) -> PoseEncoder:
-    """A pose encoder for ``transformers`` holding the file's pose weights, loaded strictly."""
+def split_pose(weights: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The LoRA weights and the pose encoder weights (``dwpose_embedding.*``) of a state dict, as contiguous CPU
+    tensors ready to save, each to its own file."""
+    lora, pose = {}, {}
+    for key, value in weights.items():
+        (pose if is_pose_key(key) else lora)[key] = value.detach().contiguous().cpu()
+    return lora, pose
+
+
+def _pose_encoder(transformers: list[nn.Module], source: dict[str, Tensor] | Path, file: Path) -> PoseEncoder:
+    """A pose encoder for ``transformers`` holding the pose weights of ``source`` (a state dict, or the pose
+    encoder file beside ``file``), loaded strictly."""
     widths = {t.patch_embedding.out_channels for t in transformers}
     if len(widths) != 1:
         raise AdapterError(f"{file}: the transformers have different widths {sorted(widths)}; load per expert")
     encoder = PoseEncoder(widths.pop())
     try:
-        load_pose_encoder(encoder, {k: v for k, v in state_dict.items() if is_pose_key(k)})
-    except ValueError as err:
+        load_pose_encoder(encoder, source)
+    except (ValueError, OSError) as err:
         raise AdapterError(f"adapter {file}: {err}") from None
     return encoder
 
@@ -264,9 +414,12 @@ def load_adapter(
             the expert named in ``svi.json``, else both (a LoRA shared by the two experts).
         ignore_unmatched: load what matches and skip keys that match no module, instead of refusing.
 
-    A file with pose encoder weights (``dwpose_embedding.*``, SVI-Dance) also attaches a
-    :class:`~svi_infer.pose.PoseEncoder` holding them to the transformer(s) loaded into (one encoder, shared;
-    float32 like the reference); condition it with :func:`svi_infer.pose.set_pose`.
+    ``diff`` / ``diff_b`` deltas are added to the base parameters at strength 1 (see the module docstring).
+
+    Pose encoder weights (``dwpose_embedding.*``, SVI-Dance), in the LoRA file or in the pose encoder file beside
+    it (:func:`~svi_infer.adapter_files.pose_weights_file`), also attach a :class:`~svi_infer.pose.PoseEncoder`
+    holding them to the transformer(s) loaded into (one encoder, shared; float32 like the reference); condition it
+    with :func:`svi_infer.pose.set_pose`.
 
     A split Wan 2.2 A14B directory (``high_noise/`` and/or ``low_noise/``, :func:`expert_dirs`) loads each
     sub-directory into its expert (only ``expert``'s with ``expert`` given); refused for one-transformer bases.
@@ -306,7 +459,12 @@ def load_adapter(
     indices = [spec.experts.index(expert)] if expert else range(len(spec.experts))
     targets = [model.transformers[i] for i in indices]
     name = adapter_name or _free_name(targets, re.sub(r"\W", "_", path.stem if path.is_file() else path.name))
-    pose = _pose_encoder(targets, state_dict, file) if pose_keys else None  # checked before any change
+    pose_file = pose_weights_file(path)
+    if pose_file is not None and pose_keys:
+        raise AdapterError(f"{file} holds a pose encoder and so does {pose_file} beside it; remove one of them")
+    pose_source = pose_file or {k: state_dict[k] for k in pose_keys}
+    pose = _pose_encoder(targets, pose_source, file) if pose_source else None  # checked before any change
+    checked = []
     for transformer in targets:
         fitting, unmatched = _check_against(transformer, modules, not_lora, path, spec)
         if unmatched and not ignore_unmatched:
@@ -316,19 +474,28 @@ def load_adapter(
                 "Is it an adapter for another base? Set adapter.ignore_unmatched=true to load the rest anyway."
             )
         if not fitting:
-            raise AdapterError(f"{file} holds no LoRA weight for any module of {spec.id}")
-        _inject(transformer, fitting, name)
+            raise AdapterError(f"{file} holds no LoRA weight or weight delta for any module of {spec.id}")
+        checked.append(fitting)
+    for transformer, fitting in zip(targets, checked, strict=True):
+        lora = {n: w for n, w in fitting.items() if w.is_lora}
+        if lora:
+            _inject(transformer, lora, name)
+        _apply_deltas(transformer, {n: w for n, w in fitting.items() if w.has_delta}, name)
     for transformer in targets if pose is not None else ():
         attach_pose(transformer, pose)
     return meta
 
 
 def set_strength(model: WanModel, strength: float) -> None:
-    """Scale every loaded adapter (SVI's test-time ``lora_alpha``; keep 1.0 for SVI adapters)."""
+    """Scale every loaded adapter (SVI's test-time ``lora_alpha``; keep 1.0 for SVI adapters): the peft LoRAs'
+    scale, and the ``diff`` / ``diff_b`` deltas recomputed from the parameters' values before them."""
     for transformer in model.transformers:
         names = list(getattr(transformer, "peft_config", {}) or {})
         if names:
             transformer.set_adapters(names, weights=[strength] * len(names))
+        for entry in transformer.__dict__.get(_DELTAS, {}).values():
+            entry.strengths = dict.fromkeys(entry.deltas, strength)
+            entry.apply()
 
 
 def save_adapter(
@@ -341,8 +508,9 @@ def save_adapter(
     """Write an adapter directory atomically (a temporary sibling directory renamed into place).
 
     ``weights`` (peft keys) replaces reading them from ``transformer``, for weights gathered from shards. Read
-    from ``transformer``, an attached pose encoder's weights are saved beside the LoRA (``dwpose_embedding.*``);
-    ``weights`` must then hold them itself (``svi_train.strategies.lora_state_dict`` does).
+    from ``transformer``, an attached pose encoder's weights are saved too; ``weights`` must then hold them itself
+    (``svi_train.strategies.lora_state_dict`` does). They go to their own file, ``pose_encoder.safetensors``
+    (``dwpose_embedding.*`` keys), so that ``adapter_model.safetensors`` holds nothing but the LoRA.
     """
     directory = Path(directory)
     with atomic_dir(directory) as tmp:
@@ -350,8 +518,10 @@ def save_adapter(
             weights = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
             if find_pose_encoder(transformer) is not None:
                 weights = {**weights, **pose_state_dict(transformer)}
-        state = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
-        save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        lora, pose = split_pose(weights)
+        save_file(lora, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        if pose:
+            save_file(pose, str(tmp / POSE_WEIGHTS), metadata={"format": "pt"})
         transformer.peft_config[adapter_name].save_pretrained(str(tmp))
         record = {"format": META_FORMAT, "base": meta.base, "expert": meta.expert, "variant": meta.variant}
         record |= {"defaults": meta.defaults, "provenance": meta.provenance}

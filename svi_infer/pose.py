@@ -8,8 +8,9 @@ before the blocks. Here that encoder is :class:`PoseEncoder`, attached to a tran
 Checkpoints keep UniAnimate-DiT's names (``dwpose_embedding.<i>.weight`` / ``.bias``, ``<i>`` the
 ``nn.Sequential`` index), so UniAnimate-DiT's ``.ckpt`` and SVI's ``svi-dance.safetensors`` load as they are.
 
-Long videos loop the pose stream (:func:`pose_frames_for_clip`); pose videos of another size are resized
-(aspect kept) and padded black to the generation size (:func:`read_pose_video`).
+Long videos loop the pose stream (:func:`pose_frames_for_clip`); pose videos of another size are fitted to the
+generation size by the image's own rule (centre crop to its aspect, then resize: :func:`fit_pose`), so a pose
+video drawn over the image lines up with it pixel for pixel (:func:`read_pose_video`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from svi_infer.adapter_files import POSE_WEIGHTS
 from svi_infer.atomic import write_with
 
 POSE_KEY = "dwpose_embedding"
@@ -283,7 +285,9 @@ def _read_source(source: str | Path | Mapping[str, Tensor]) -> tuple[dict[str, T
     if isinstance(source, Mapping):
         return dict(source), "the given state dict"
     path = Path(source).expanduser()
-    if path.is_dir():  # SVI keeps extra modules as a folder of safetensors shards
+    if path.is_dir() and (path / POSE_WEIGHTS).is_file():  # an adapter directory: its pose encoder file
+        files = [path / POSE_WEIGHTS]
+    elif path.is_dir():  # SVI keeps extra modules as a folder of safetensors shards
         files = sorted(path.glob("*.safetensors"))
         if not files:
             raise ValueError(f"pose encoder folder {path} holds no .safetensors files")
@@ -408,12 +412,33 @@ def letterbox(frames: np.ndarray, height: int, width: int) -> np.ndarray:
     return out
 
 
+def fit_pose(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Fit ``[F, h, w, 3]`` frames to ``height x width`` as :func:`svi_infer.video_io.fit_image` fits the image:
+    the same centred crop box (:func:`~svi_infer.video_io.crop_box`), resized to the size.
+
+    A pose video of the image's size (or aspect) thus lands on the person pixel for pixel; one of another aspect
+    is cropped like the image (SVI letterboxes pose videos instead; with a pose video made for the image the two
+    differ by at most the rounding of the size). Nearest-neighbour sampling of each output pixel's centre, as
+    PIL's resize maps it, so skeleton colours stay exact and land where the image's pixels do.
+    """
+    from svi_infer.video_io import crop_box
+
+    f, h, w, c = frames.shape
+    if (h, w) == (height, width):
+        return np.ascontiguousarray(frames, dtype=np.uint8)
+    left, top, right, bottom = crop_box((w, h), height, width)
+    rows = top + np.floor((np.arange(height) + 0.5) * (bottom - top) / height).astype(np.int64)
+    cols = left + np.floor((np.arange(width) + 0.5) * (right - left) / width).astype(np.int64)
+    frames = np.asarray(frames, dtype=np.uint8)
+    return np.ascontiguousarray(frames[:, rows.clip(0, h - 1)][:, :, cols.clip(0, w - 1)])
+
+
 def read_pose_video(path: str | Path, height: int, width: int) -> np.ndarray:
-    """All frames of a pose video as ``[F, height, width, 3]`` uint8, fitted by :func:`letterbox`.
+    """All frames of a pose video as ``[F, height, width, 3]`` uint8, fitted like the image by :func:`fit_pose`.
 
     Any frame count works: the generator loops the pose video (:func:`pose_frames_for_clip`), so a short
-    one repeats and a long one is used as far as the video goes. Any size works: resized, aspect kept, padded
-    black (the reference fits the pose video to the generation size the same way). Decoded by ffmpeg as a
+    one repeats and a long one is used as far as the video goes. Any size works: cropped to the generation
+    size's aspect and resized, exactly as the image is. Decoded by ffmpeg as a
     stream, a chunk at a time, so a long high-resolution pose video never sits full-size in memory (and
     decord, which rejects some frame widths such as 48 or 96, is not needed).
     """
@@ -429,7 +454,7 @@ def read_pose_video(path: str | Path, height: int, width: int) -> np.ndarray:
         for raw in reader:
             chunk.append(np.frombuffer(raw, dtype=np.uint8).reshape(h, w, 3))
             if len(chunk) == _READ_CHUNK:
-                chunks.append(letterbox(np.stack(chunk), height, width))
+                chunks.append(fit_pose(np.stack(chunk), height, width))
                 chunk = []
     except (OSError, RuntimeError, ValueError, StopIteration) as err:
         lines = [line for line in str(err).splitlines() if line.strip()]
@@ -437,7 +462,7 @@ def read_pose_video(path: str | Path, height: int, width: int) -> np.ndarray:
     finally:
         reader.close()
     if chunk:
-        chunks.append(letterbox(np.stack(chunk), height, width))
+        chunks.append(fit_pose(np.stack(chunk), height, width))
     if not chunks:
         raise ValueError(f"pose video {path} has no frames")
     return np.concatenate(chunks)

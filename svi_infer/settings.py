@@ -7,9 +7,9 @@ answered before torch and diffusers start up. :mod:`svi_infer.longvideo.generato
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
-from svi_infer.spec import ModelSpec, check_frames_per_clip
+from svi_infer.spec import NEGATIVE_PROMPT_EN, ModelSpec, check_frames_per_clip
 from svi_infer.variants import make_conditioning, make_handoff
 
 # increment: clip k draws its noise from seed + k; multiply: seed * k (SVI's seed multiplier, so clip 0 gets 0
@@ -18,13 +18,21 @@ SEED_POLICIES = ("increment", "multiply", "random")
 RENAMED_SEED_POLICIES = {"fixed": "multiply"}  # old name -> the policy that gives the same seeds
 TOP_LEVEL_SETTINGS = ("num_clips", "frames_per_clip", "height", "width", "seed", "seed_policy")  # not under variant.*
 DEFAULT_NUM_CLIPS = 3  # what num_clips=None means without audio to measure
-# Wan's default negative prompt, in English (reference/svi.md §4.1).
-DEFAULT_NEGATIVE_PROMPT = (
-    "bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
-    "overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, "
-    "poorly drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still "
-    "picture, messy background, three legs, many people in the background, walking backwards"
-)
+# reference: the size follows the image (aspect kept, width <= max_width), as SVI's Wan 2.1 scripts size it;
+# crop: the model's default size (or height x width), the image centre-cropped to it.
+FITS = ("reference", "crop")
+DEFAULT_NEGATIVE_PROMPT = NEGATIVE_PROMPT_EN  # Wan 2.1's; each model's own is ModelSpec.negative_prompt
+
+
+def reference_size(image_width: int, image_height: int, max_width: int, multiple: int = 16) -> tuple[int, int]:
+    """``(height, width)`` of a video made from an ``image_width x image_height`` image, as SVI sizes it
+    (``calculate_dimensions`` in its ``utils/image_process.py``): an image wider than ``max_width`` is scaled down
+    to that width (height ``int(max_width * h / w)``), a narrower one keeps its size; both sides are then floored to
+    a multiple of ``multiple``. Never upscales; the aspect is kept to within one ``multiple`` step."""
+    width, height = image_width, image_height
+    if width > max_width:
+        width, height = max_width, int(max_width * image_height / image_width)
+    return height // multiple * multiple, width // multiple * multiple
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,10 @@ class GenerationSettings:
     (Shot/Film), ``"audio"`` (Talk: text guidance ``cfg_scale``, audio guidance ``cfg_scale_audio``), ``"pose"``
     (Dance: text guidance only, the pose in every pass); ``handoff``: ``"pixel"`` or ``"latent"``
     (:mod:`svi_infer.variants`). ``seed_policy``: see ``SEED_POLICIES``.
+
+    Size: ``height``/``width`` None are resolved per image by :meth:`resolve` (``fit``: see ``FITS``;
+    ``max_width`` None: the model's default width); given, the image is centre-cropped to them whatever ``fit``.
+    ``negative_prompt`` None: the model's (:attr:`ModelSpec.negative_prompt`).
     """
 
     num_clips: int | None = None
@@ -48,15 +60,17 @@ class GenerationSettings:
     shift: float = 5.0
     cfg_scale: float = 5.0
     fps: int = 16
-    height: int = 480
-    width: int = 832
+    height: int | None = None
+    width: int | None = None
     seed: int = 42
     seed_policy: str = "increment"
     prompt_repeat_times: int = 1
     use_first_prompt_only: bool = False
-    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
+    negative_prompt: str | None = None
     conditioning: str = "text"
     cfg_scale_audio: float = 5.0
+    fit: str = "reference"
+    max_width: int | None = None
 
     @property
     def overlap_frames(self) -> int:
@@ -68,6 +82,30 @@ class GenerationSettings:
         if self.seed_policy == "random":
             return secrets.randbits(31)
         return self.seed * k if self.seed_policy == "multiply" else self.seed + k
+
+    def resolve(self, spec: ModelSpec, image_size: tuple[int, int]) -> GenerationSettings:
+        """These settings for one ``(width, height)`` image: the video size, ``max_width`` and the negative prompt
+        filled in (what a run records). Generator and CLI both call it, so they size a video alike; resolving
+        resolved settings again gives them back unchanged."""
+        max_width = spec.width if self.max_width is None else self.max_width
+        negative = spec.negative_prompt if self.negative_prompt is None else self.negative_prompt
+        height, width = self.height, self.width
+        if (height is None) != (width is None) and self.fit == "reference":
+            raise ValueError(_one_side(height, width))
+        if height is None or width is None:
+            if self.fit == "crop":
+                height = spec.height if height is None else height
+                width = spec.width if width is None else width
+            else:
+                m = spec.spatial_multiple
+                height, width = reference_size(*image_size, max_width, m)
+                if not height or not width:
+                    w, h = image_size
+                    raise ValueError(
+                        f"the image is {w}x{h} pixels: fit=reference keeps its size up to max_width={max_width}, "
+                        f"and it needs at least {m} pixels each side; give a larger image, or height and width"
+                    )
+        return replace(self, height=height, width=width, max_width=max_width, negative_prompt=negative)
 
     def validate(self, spec: ModelSpec) -> None:
         """Raise one ``ValueError`` naming every bad setting, on one line, before anything heavy is loaded."""
@@ -85,8 +123,16 @@ class GenerationSettings:
         if self.ref_pad_num < -1:
             problems.append(f"ref_pad_num must be -1 (anchor), 0 (zeros) or N > 0, got {self.ref_pad_num}")
         m = spec.spatial_multiple
-        if self.height % m or self.width % m or self.height <= 0 or self.width <= 0:
-            problems.append(f"resolution must be a positive multiple of {m}, got {self.height}x{self.width}")
+        sizes = {k: v for k, v in (("height", self.height), ("width", self.width)) if v is not None}
+        if any(v % m or v <= 0 for v in sizes.values()):
+            got = f"{self.height}x{self.width}" if len(sizes) == 2 else ", ".join(f"{k}={v}" for k, v in sizes.items())
+            problems.append(f"resolution must be a positive multiple of {m}, got {got}")
+        if len(sizes) == 1 and self.fit == "reference":
+            problems.append(_one_side(self.height, self.width))
+        if self.fit not in FITS:
+            problems.append(f"fit must be one of {FITS}, got {self.fit!r}")
+        if self.max_width is not None and self.max_width < m:
+            problems.append(f"max_width must be at least {m} (one {m}-pixel step), got {self.max_width}")
         if self.seed_policy in RENAMED_SEED_POLICIES:
             new = RENAMED_SEED_POLICIES[self.seed_policy]
             problems.append(
@@ -118,6 +164,13 @@ class GenerationSettings:
             problems.append(str(err))
         if problems:
             raise ValueError("invalid generation settings: " + "; ".join(problems))
+
+
+def _one_side(height: int | None, width: int | None) -> str:
+    return (
+        f"give both height and width or neither (got height={height}, width={width}): fit=reference takes both "
+        "from the image; fit=crop takes the missing one from the model"
+    )
 
 
 def variant_keys() -> set[str]:

@@ -16,13 +16,28 @@ FAMILIES = (WAN21_I2V, WAN22_I2V_A14B, WAN22_TI2V_5B)
 HIGH_NOISE = "high_noise"
 LOW_NOISE = "low_noise"
 
+# Wan's default negative prompt, in English: what SVI's Wan 2.1 scripts pass (reference/svi.md §4.1).
+NEGATIVE_PROMPT_EN = (
+    "bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
+    "overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, "
+    "poorly drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still "
+    "picture, messy background, three legs, many people in the background, walking backwards"
+)
+# Wan's own default (Wan2.2 wan/configs/shared_config.py ``sample_neg_prompt``), the one SVI's Wan 2.2 scripts pass.
+NEGATIVE_PROMPT_ZH = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
+    "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，"
+    "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
 
 @dataclass(frozen=True)
 class ModelSpec:
     """Shapes and defaults of one Wan image-to-video base model.
 
     ``experts`` names the transformers in sampling order: one for Wan 2.1 and TI2V-5B, two for Wan 2.2
-    A14B (the high-noise expert runs while ``t >= boundary_ratio * 1000``).
+    A14B (the high-noise expert runs while ``t >= boundary_ratio * 1000``). ``negative_prompt``: the default
+    ``variant.negative_prompt``, the one the reference passes for this base.
     """
 
     id: str
@@ -51,6 +66,7 @@ class ModelSpec:
     cfg_scale: float = 5.0
     tiny: bool = False
     bundled: str | None = None  # folder under svi_infer/ holding this model's committed, trained weights
+    negative_prompt: str = NEGATIVE_PROMPT_EN
 
     @property
     def needs_path(self) -> bool:
@@ -110,6 +126,7 @@ _REAL = (
         image_dim=None,
         experts=(HIGH_NOISE, LOW_NOISE),
         boundary_ratio=0.875,  # SVI's switch_DiT_boundary (diffusers' default is 0.9)
+        negative_prompt=NEGATIVE_PROMPT_ZH,
         **_WAN14B,
     ),
     ModelSpec(
@@ -128,6 +145,7 @@ _REAL = (
         width=1280,
         frames_per_clip=121,
         fps=24,
+        negative_prompt=NEGATIVE_PROMPT_ZH,
     ),
 )
 

@@ -36,13 +36,23 @@ def read_image(path: str | Path) -> Image.Image:
         raise ValueError(f"cannot read image {path}: {err}") from None
 
 
-def fit_image(image: Image.Image, height: int, width: int) -> Image.Image:
-    """Centre-crop to the target aspect ratio, then resize (bicubic) to ``width x height``."""
-    w, h = image.size
+def crop_box(size: tuple[int, int], height: int, width: int) -> tuple[int, int, int, int]:
+    """``(left, top, right, bottom)``: the centred box of a ``(w, h)`` frame with the aspect of ``width x height``,
+    the part :func:`fit_image` keeps. The pose video is cut by the same rule, so both line up pixel for pixel."""
+    w, h = size
     scale = max(width / w, height / h)
     cw, ch = round(width / scale), round(height / scale)
     left, top = (w - cw) // 2, (h - ch) // 2
-    return image.crop((left, top, left + cw, top + ch)).resize((width, height), Image.BICUBIC)
+    return left, top, left + cw, top + ch
+
+
+def fit_image(image: Image.Image, height: int, width: int) -> Image.Image:
+    """Centre-crop to the target aspect ratio (:func:`crop_box`), then resize (bicubic) to ``width x height``.
+
+    At a size derived from the image (``fit=reference``) the crop only trims what rounding the sides to a multiple
+    of 16 leaves over (less than 16 output pixels), where SVI stretches the image by as much instead.
+    """
+    return image.crop(crop_box(image.size, height, width)).resize((width, height), Image.BICUBIC)
 
 
 def frames_to_tensor(frames: np.ndarray) -> Tensor:

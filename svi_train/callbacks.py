@@ -83,7 +83,8 @@ class StepProgress(L.Callback):
 class AdapterExport(L.Callback):
     """Every ``every_n_steps`` optimiser steps and at the end, write ``<dirpath>/step_XXXXXX`` and
     ``<dirpath>/final``: adapter directories svi_infer loads as they are. A Wan 2.2 A14B run training a LoRA per
-    expert writes one per expert inside them, ``high_noise/`` and ``low_noise/`` (svi.json names the expert)."""
+    expert writes one per expert inside them, ``high_noise/`` and ``low_noise/`` (svi.json names the expert). A
+    Dance run's pose encoder goes beside the LoRA, ``pose_encoder.safetensors`` (``save_adapter`` splits it off)."""
 
     def __init__(self, dirpath: str | Path, every_n_steps: int) -> None:
         self.dirpath = Path(dirpath)

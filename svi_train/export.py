@@ -15,9 +15,11 @@ is ``DEST/high_noise`` + ``DEST/low_noise`` (peft, diffusers) or ``<DEST stem>_h
 ``<DEST stem>_low_noise.safetensors`` (comfyui). svi_infer takes either (``adapter.path=DEST``, or
 ``adapter.high_noise=... adapter.low_noise=...``).
 
-A Dance adapter's pose encoder (``dwpose_embedding.<i>.weight`` / ``.bias``) goes into every format: unprefixed in
-``peft`` and ``comfyui`` (as SVI's ``svi-dance.safetensors`` holds it), ``transformer.``-prefixed in ``diffusers``;
-``svi_infer.adapters.load_adapter`` reads it back from each.
+A Dance adapter's pose encoder (``dwpose_embedding.<i>.weight`` / ``.bias``, unprefixed) goes into every format in a
+file of its own beside the LoRA, so that the LoRA file loads in diffusers (``load_lora_weights`` refuses non-LoRA
+keys) and ComfyUI: ``pose_encoder.safetensors`` in the ``peft`` and ``diffusers`` directories,
+``<DEST stem>.pose_encoder.safetensors`` beside the ``comfyui`` file. ``svi_infer.adapters.load_adapter`` reads it
+back from each (and SVI's ``svi-dance.safetensors``, which holds it inside the LoRA file).
 """
 
 from __future__ import annotations
@@ -29,7 +31,15 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from svi_infer.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SVI_META, AdapterError
+from svi_infer.adapter_files import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    POSE_WEIGHTS,
+    SVI_META,
+    AdapterError,
+    pose_sibling,
+    pose_weights_file,
+)
 from svi_infer.atomic import atomic_dir, atomic_path
 from svi_infer.errors import USER_ERRORS, exit_with
 from svi_infer.spec import HIGH_NOISE, LOW_NOISE
@@ -57,6 +67,8 @@ def _read_directory(source: Path) -> Adapter:
     from safetensors.torch import load_file
 
     weights = load_file(str(source / ADAPTER_WEIGHTS))
+    if (source / POSE_WEIGHTS).is_file():  # a Dance adapter's pose encoder (older ones hold it in the LoRA file)
+        weights |= load_file(str(source / POSE_WEIGHTS))
     config = json.loads((source / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     meta = json.loads((source / SVI_META).read_text(encoding="utf-8"))
     return weights, config, meta
@@ -113,17 +125,14 @@ def split_output(output: Path, fmt: str, expert: str | None) -> Path:
 
 
 def to_comfyui(weights: dict[str, Tensor], config: dict) -> dict[str, Tensor]:
-    """``diffusion_model.<original name>.lora_A/lora_B.weight`` + ``.alpha`` per module; pose encoder weights
-    keep their ``dwpose_embedding.*`` names."""
+    """``diffusion_model.<original name>.lora_A/lora_B.weight`` + ``.alpha`` per module (LoRA weights only: the
+    pose encoder goes to its own file)."""
     import torch
 
-    from svi_infer.adapters import is_pose_key, original_module_name
+    from svi_infer.adapters import original_module_name
 
     out: dict[str, Tensor] = {}
     for key, value in weights.items():
-        if is_pose_key(key):
-            out[key] = value
-            continue
         module, tail = key.rsplit(".lora_", 1)
         name = original_module_name(module)
         out[f"diffusion_model.{name}.lora_{tail}"] = value
@@ -145,15 +154,24 @@ def _write(weights: dict[str, Tensor], config: dict, meta: dict, fmt: str, outpu
     from safetensors.torch import load, save_file
 
     from svi_infer.adapter_files import DIFFUSERS_WEIGHTS, SVI_FILE_METADATA, file_metadata
+    from svi_infer.adapters import split_pose
 
-    weights = {k: v.detach().contiguous() for k, v in weights.items()}
+    weights, pose = split_pose(weights)  # the pose encoder (Dance) goes to its own file: the LoRA file stays pure
     # the single files carry svi.json's record (the base they were made for) in their metadata, for svi_infer
     record = {SVI_FILE_METADATA: json.dumps(meta)}
     if fmt == "comfyui":
+        sibling = pose_sibling(output)
+        if pose:
+            with atomic_path(sibling) as tmp:
+                save_file(pose, str(tmp), metadata={"format": "pt"})
+        else:  # one left by an earlier export to the same name would be loaded with this LoRA
+            sibling.unlink(missing_ok=True)
         with atomic_path(output) as tmp:
             save_file(to_comfyui(weights, config), str(tmp), metadata=record)
         return output
     with atomic_dir(output) as tmp:
+        if pose:
+            save_file(pose, str(tmp / POSE_WEIGHTS), metadata={"format": "pt"})
         if fmt == "peft":
             from peft import LoraConfig
 
@@ -185,6 +203,9 @@ def main(argv: list[str] | None = None) -> None:
         exit_with("svi_train.export", err, 2)
     for path in paths:
         print(f"{args.format}: {path}")
+        pose = pose_weights_file(path)
+        if pose is not None:
+            print(f"pose encoder: {pose}")
 
 
 if __name__ == "__main__":

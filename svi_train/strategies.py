@@ -241,7 +241,8 @@ def lora_state_dict(
 ) -> dict[str, Tensor]:
     """The adapter's full weights on the CPU, keyed like peft's ``get_peft_model_state_dict``
     (``blocks.0.attn1.to_q.lora_A.weight``), under any strategy; with a pose encoder attached (Dance), its
-    trained weights too, as ``dwpose_embedding.<i>.weight`` / ``.bias`` (the layout of SVI's dance LoRA file).
+    trained weights too, as ``dwpose_embedding.<i>.weight`` / ``.bias`` (gathered in the same collective; the
+    writers, ``svi_infer.adapters.save_adapter`` and ``svi_train.export``, put them in a file of their own).
 
     A collective: every rank must call it. ZeRO-3 and FSDP keep only a shard of each weight per rank, so they
     are gathered first; the parameters are read directly because ``state_dict()`` under FSDP is itself a

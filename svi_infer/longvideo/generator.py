@@ -57,7 +57,8 @@ class LongVideoGenerator:
     """Generates a long video clip by clip with one model (adapters, Talk modules or pose encoder already on it).
 
     ``conditioning``: the variant's conditioning object, with its runtime resources (Talk's audio encoder); by
-    default the one ``settings.conditioning`` names, built bare.
+    default the one ``settings.conditioning`` names, built bare. ``requested`` keeps the settings as given;
+    each :meth:`generate` resolves them for its image (size, negative prompt) into ``settings``, what it records.
     """
 
     def __init__(
@@ -77,6 +78,7 @@ class LongVideoGenerator:
         self.conditioning.check_model(model)
         self.handoff = make_handoff(settings.handoff)
         self.model = model
+        self.requested = settings
         self.settings = settings
         self.provenance = provenance or {}
         self._inputs = RunInputs()
@@ -98,8 +100,11 @@ class LongVideoGenerator:
         ``audio`` (Talk; required with ``conditioning="audio"``): any file with an audio track; it drives the
         clips and is muxed into ``output``. ``pose`` (Dance; required with ``conditioning="pose"``): the pose
         video, looped. ``side_by_side`` (Dance) also writes ``<output stem>.sbs.mp4``. Inputs of another variant
-        are refused.
+        are refused. The video's size follows ``image`` unless the settings fix it
+        (:meth:`GenerationSettings.resolve`); the sidecar records the resolved settings.
         """
+        self.settings = self.requested.resolve(self.model.spec, image.size)
+        self.settings.validate(self.model.spec)
         s, conditioning = self.settings, self.conditioning
         output = Path(output)
         parts = parts_dir(output)

@@ -80,7 +80,9 @@ def resolve_settings(cfg: DictConfig, spec: ModelSpec, adapter_defaults: dict[st
     """Each setting: the user's value, else the adapter's ``svi.json`` default, else the spec / built-in one.
 
     ``num_clips: null`` stays None (Talk: as many clips as the audio lasts; otherwise the built-in 3). A
-    conditioning tied to a frame rate (Talk's 25) sets fps when neither the user nor the adapter does.
+    conditioning tied to a frame rate (Talk's 25) sets fps when neither the user nor the adapter does. The negative
+    prompt defaults to the model's (Wan 2.2: Wan's Chinese one). Height and width stay None unless given: they
+    depend on the image (:meth:`GenerationSettings.resolve`, called by :func:`plan`).
     """
     given = {k: v for k, v in OmegaConf.to_container(cfg.variant, resolve=True).items() if v is not None}
     given |= {key: cfg[key] for key in TOP_LEVEL_SETTINGS if cfg.get(key) is not None}
@@ -90,7 +92,7 @@ def resolve_settings(cfg: DictConfig, spec: ModelSpec, adapter_defaults: dict[st
         raise ValueError(f"unknown variant setting(s) {unknown}; known: {sorted(names)}")
     chosen = {k: v for k, v in adapter_defaults.items() if k in names} | given
     values = {k: getattr(spec, k) for k in _SPEC_DEFAULTS}
-    values |= {"height": spec.height, "width": spec.width}
+    values["negative_prompt"] = spec.negative_prompt
     tied = make_conditioning(chosen.get("conditioning", "text")).fps
     if tied is not None:
         values["fps"] = int(tied)
@@ -158,6 +160,8 @@ def plan(cfg: DictConfig) -> Plan:
     inputs = conditioning.plan_inputs(given, settings, spec)
     prompts = load_prompts(OmegaConf.to_object(cfg.prompts) if OmegaConf.is_list(cfg.prompts) else cfg.prompts)
     image = read_image(cfg.image)
+    settings = settings.resolve(spec, image.size)  # the size the generator will resolve too, checked now
+    settings.validate(spec)
     return Plan(
         spec,
         model_path,

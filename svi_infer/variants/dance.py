@@ -38,8 +38,8 @@ class DanceConditioning(Conditioning):
     """The pose video on the DiT's patch embedding (in every pass); text guidance.
 
     Args:
-        pose_dropout: training: the share of samples whose pose alone is zeroed.
-        pose_and_image_dropout: training: the share whose pose, y and CLIP tokens are zeroed (no y error then).
+        pose_dropout, pose_extra_dropout: training: two independent draws, each zeroing the sample's pose.
+        image_dropout: training: a third, independent draw zeroing y and the CLIP tokens (no y error then).
         pose_encoder: training: initial ``dwpose_embedding`` weights (SVI starts from UniAnimate-DiT's); None:
             PyTorch's default init drawn from the run seed.
     """
@@ -52,11 +52,12 @@ class DanceConditioning(Conditioning):
     def __init__(
         self,
         pose_dropout: float = 0.0,
-        pose_and_image_dropout: float = 0.0,
+        pose_extra_dropout: float = 0.0,
+        image_dropout: float = 0.0,
         pose_encoder: str | Path | None = None,
         **_other: Any,
     ) -> None:
-        self.pose_dropout, self.pose_and_image_dropout = pose_dropout, pose_and_image_dropout
+        self.pose_dropout, self.pose_extra_dropout, self.image_dropout = pose_dropout, pose_extra_dropout, image_dropout
         self.pose_encoder = pose_encoder
         self.poses: np.ndarray | None = None  # the run's [pose frames, H, W, 3] uint8 at the generation size
         self.settings: GenerationSettings | None = None
@@ -109,8 +110,11 @@ class DanceConditioning(Conditioning):
             )
 
     def prepare(self, inputs: RunInputs, settings: GenerationSettings) -> None:
+        """Read the pose video at the run's resolved size, fitted by the image's own rule (aligned with it)."""
         from svi_infer.pose import read_pose_video
 
+        if settings.height is None or settings.width is None:
+            raise ValueError("the pose video is fitted to a resolved size: call settings.resolve(spec, image.size)")
         pose = inputs.files["pose"]
         self.poses, self.settings = read_pose_video(pose, settings.height, settings.width), settings
         inputs.record["pose"] = {"path": str(pose), "sha256": file_sha256(pose), "frames": len(self.poses)}
@@ -165,14 +169,14 @@ class DanceConditioning(Conditioning):
         self.keep = PoseKeep(build_pose(transformer, self.pose_encoder, seed))
 
     def draw_dropout(self, generator: torch.Generator) -> Dropped:
-        """Two independent draws (svi.md §3.5): below ``pose_dropout`` the pose is zeroed; below
-        ``pose_and_image_dropout`` the pose, y and the CLIP tokens are. Both are drawn whatever the probabilities
-        (0 included), so changing them never shifts later draws."""
+        """Three independent draws, as SVI's ``train_svi_dance.py``: the pose is zeroed below ``pose_dropout`` or
+        below ``pose_extra_dropout``; y and the CLIP tokens below ``image_dropout``. All three are drawn whatever
+        the probabilities (0 included), so changing them never shifts later draws."""
         import torch
 
-        u_pose, u_image = torch.rand(2, generator=generator, dtype=torch.float64).tolist()
-        image = u_image < self.pose_and_image_dropout
-        return Dropped(pose=image or u_pose < self.pose_dropout, image=image)
+        u_pose, u_extra, u_image = torch.rand(3, generator=generator, dtype=torch.float64).tolist()
+        pose = u_pose < self.pose_dropout or u_extra < self.pose_extra_dropout
+        return Dropped(pose=pose, image=u_image < self.image_dropout)
 
     def set_batch(self, transformer: torch.nn.Module, batch: dict, dropped: list[Dropped]) -> None:
         from svi_infer.pose import set_pose

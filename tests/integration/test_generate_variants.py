@@ -15,7 +15,14 @@ from svi_infer.audio import AudioEncoder, AudioError, clip_frames, clips_for_fra
 from svi_infer.conditioning import first_frames_mask, with_mask
 from svi_infer.longvideo.generator import LongVideoGenerator, ResumeMismatchError
 from svi_infer.longvideo.outputs import parts_dir
-from svi_infer.pose import PoseEncoder, attach_pose, find_pose_encoder, pose_frames_for_clip, read_pose_video
+from svi_infer.pose import (
+    PoseEncoder,
+    attach_pose,
+    find_pose_encoder,
+    fit_pose,
+    pose_frames_for_clip,
+    read_pose_video,
+)
 from svi_infer.sampler import PassInputs, TalkGuidance, sample_clip
 from svi_infer.settings import GenerationSettings
 from svi_infer.talk import AudioWindows, get_talk, latent_windows, set_audio
@@ -325,8 +332,9 @@ def test_tiny_talk_modules_are_the_same_in_every_build(tiny21):
 
 def test_dance_three_clips_loop_the_pose_and_write_side_by_side(dance21, first_frame, tmp_path, monkeypatch):
     pose_file = write_pose_video(tmp_path / "moves.pose.mp4", frames=7, height=40, width=64)
-    poses = read_pose_video(pose_file, 48, 80)  # letterboxed to the generation size
-    assert poses.shape == (7, 48, 80, 3) and (poses[:, :, 0] == 0).all()
+    poses = read_pose_video(pose_file, 48, 80)  # fitted like the image: centre-cropped to 5:3, no black bars
+    assert poses.shape == (7, 48, 80, 3)
+    assert np.array_equal(poses, fit_pose(read_pose_video(pose_file, 40, 64), 48, 80))  # as decoded, then fitted
     transformer = dance21.transformers[0]
     encoder = find_pose_encoder(transformer)
     in_passes = []

@@ -15,6 +15,7 @@ from svi_infer.pose import (
     attach_pose,
     detach_pose,
     find_pose_encoder,
+    fit_pose,
     letterbox,
     load_pose_encoder,
     pose_frames_for_clip,
@@ -27,7 +28,7 @@ from svi_infer.pose import (
 )
 from svi_infer.spec import get_spec
 from svi_infer.tiny import tiny_transformer
-from svi_infer.video_io import write_mp4
+from svi_infer.video_io import crop_box, write_mp4
 from tests.helpers import TINY21, assert_same_outputs, dit_inputs
 
 pytestmark = pytest.mark.numerics  # compared across instances and loaders: rerun on AVX2 kernels
@@ -475,15 +476,18 @@ def _write_pose_video(path, frames: int = 7, height: int = 32, width: int = 48) 
     return video
 
 
-def test_read_pose_video_resizes_and_pads(tmp_path, monkeypatch):
+def test_read_pose_video_fits_like_the_image(tmp_path, monkeypatch):
     path = tmp_path / "pose.mp4"
     video = _write_pose_video(path)
     monkeypatch.setattr("svi_infer.pose._READ_CHUNK", 3)  # exercise chunked decoding
     frames = read_pose_video(path, 48, 80)
     assert frames.shape == (7, 48, 80, 3) and frames.dtype == np.uint8
-    # 32x48 -> 48x72 (scale 1.5), 4 black columns each side
-    assert (frames[:, :, :4] == 0).all() and (frames[:, :, 76:] == 0).all()
-    expected = letterbox(video, 48, 80)
+    # 32x48 -> 48x80: the image's rule, the centred 29x48 rows 1..29 scaled by 5/3 (no black bars)
+    assert crop_box((48, 32), 48, 80) == (0, 1, 48, 30)
+    rows = 1 + ((np.arange(48) + 0.5) * 29 / 48).astype(int)  # each output pixel's centre, nearest source pixel
+    cols = ((np.arange(80) + 0.5) * 48 / 80).astype(int)
+    expected = fit_pose(video, 48, 80)
+    assert np.array_equal(expected, video[:, rows][:, :, cols])
     assert np.abs(frames.astype(int) - expected.astype(int)).mean() < 8  # only codec loss
     same = read_pose_video(path, 32, 48)
     assert same.shape == (7, 32, 48, 3)
@@ -516,3 +520,19 @@ def test_side_by_side_panels():
     assert np.array_equal(small_pose, letterbox(pose[:, ::2, ::2], 48, 80))
     with pytest.raises(ValueError, match="same number of frames|like the generated"):
         side_by_side(ref, pose[:4], gen)
+
+
+def test_pose_encoder_loads_from_an_adapter_directory_with_its_pose_file(tmp_path):
+    """``conditioning.pose_encoder=<exported Dance adapter directory>``: the pose file beside the LoRA is read, not
+    every safetensors file of the folder (the LoRA file holds no pose weights)."""
+    from safetensors.torch import save_file
+
+    from svi_infer.adapter_files import POSE_WEIGHTS
+    from svi_infer.pose import PoseEncoder, load_pose_encoder, pose_state_dict, save_pose_encoder
+
+    trained = PoseEncoder(24)
+    save_pose_encoder(trained, tmp_path / POSE_WEIGHTS)
+    lora = {f"blocks.{i}.attn1.to_q.lora_A.weight": torch.zeros(2, 24) for i in range(80)}  # > 64 keys, no pose
+    save_file(lora, str(tmp_path / "adapter_model.safetensors"))
+    loaded = load_pose_encoder(PoseEncoder(24), tmp_path)
+    assert all(torch.equal(v, pose_state_dict(trained)[k]) for k, v in pose_state_dict(loaded).items())

@@ -181,7 +181,7 @@ def test_cli_composes_talk_and_dance_with_the_tiny_and_the_real_model():
             assert "multitalk: null" in out
         else:
             assert "conditioning: pose" in out and "pose_dropout: 0.05" in out
-            assert "pose_and_image_dropout: 0.1" in out and "cond_error_frames: 1" in out
+            assert "pose_extra_dropout: 0.1" in out and "image_dropout: 0.1" in out and "cond_error_frames: 1" in out
         assert "fps: 25" in out
 
 
@@ -190,7 +190,8 @@ def test_conditioning_schema_defaults_typos_and_ranges(talk_shards, tmp_path):
     assert dict(cfg.conditioning) == {
         "audio_dropout": 0.0,
         "pose_dropout": 0.0,
-        "pose_and_image_dropout": 0.0,
+        "pose_extra_dropout": 0.0,
+        "image_dropout": 0.0,
         "pose_encoder": None,
     }
     with pytest.raises(ConfigCompositionException):
@@ -199,8 +200,8 @@ def test_conditioning_schema_defaults_typos_and_ranges(talk_shards, tmp_path):
         compose_train(["conditioning.pose_dropout=often"])
     with pytest.raises(ValueError, match=r"conditioning.audio_dropout must be a probability in \[0, 1\], got 1.5"):
         run_module.run(_config("talk", talk_shards, tmp_path, "conditioning.audio_dropout=1.5"))
-    with pytest.raises(ValueError, match="conditioning.pose_and_image_dropout"):
-        ConditioningSettings(pose_and_image_dropout=-0.1)
+    with pytest.raises(ValueError, match="conditioning.image_dropout"):
+        ConditioningSettings(image_dropout=-0.1)
 
 
 @pytest.mark.parametrize(
@@ -255,19 +256,23 @@ def test_audio_dropout_is_one_draw_per_sample():
     assert torch.equal(g0.get_state(), g.get_state())
 
 
-def test_pose_dropout_is_two_independent_draws():
-    settings = ConditioningSettings(pose_dropout=0.05, pose_and_image_dropout=0.1)
+def test_pose_dropout_is_three_independent_draws_as_the_reference():
+    """SVI's train_svi_dance.py: pose off if u1 < 0.05 or u2 < 0.1; y and CLIP off if u3 < 0.1, independently."""
+    settings = ConditioningSettings(pose_dropout=0.05, pose_extra_dropout=0.1, image_dropout=0.1)
+    n = 20_000
     g, twin = torch.Generator().manual_seed(12), torch.Generator().manual_seed(12)
-    drops = [draw_dropout("pose", settings, g) for _ in range(2000)]
-    u = torch.rand(2000, 2, generator=twin, dtype=torch.float64)
-    image = (u[:, 1] < 0.1).tolist()
+    drops = [draw_dropout("pose", settings, g) for _ in range(n)]
+    u = torch.rand(n, 3, generator=twin, dtype=torch.float64)
     pose = ((u[:, 0] < 0.05) | (u[:, 1] < 0.1)).tolist()
-    assert [d.image for d in drops] == image and [d.pose for d in drops] == pose
-    assert all(d.pose for d in drops if d.image) and not any(d.audio for d in drops)
-    rate = sum(d.pose for d in drops) / 2000  # 1 - 0.95 * 0.9 = 0.145
-    assert abs(rate - 0.145) < 0.03
-    assert draw_dropout("pose", ConditioningSettings(pose_and_image_dropout=1.0), g) == Dropped(pose=True, image=True)
-    assert draw_dropout("pose", ConditioningSettings(pose_dropout=1.0), g) == Dropped(pose=True, image=False)
+    image = (u[:, 2] < 0.1).tolist()
+    assert [d.pose for d in drops] == pose and [d.image for d in drops] == image
+    assert not any(d.audio for d in drops)
+    # the joint frequencies: pose only 0.145 * 0.9, image only 0.855 * 0.1, both 0.145 * 0.1 = 0.0145
+    joint = {(p, i): sum(d.pose == p and d.image == i for d in drops) / n for p in (True, False) for i in (True, False)}
+    for (p, i), expected in {(True, False): 0.1305, (False, True): 0.0855, (True, True): 0.0145}.items():
+        assert abs(joint[p, i] - expected) < 4 * (expected * (1 - expected) / n) ** 0.5, (p, i, joint[p, i])
+    assert draw_dropout("pose", ConditioningSettings(image_dropout=1.0), g) == Dropped(pose=False, image=True)
+    assert draw_dropout("pose", ConditioningSettings(pose_extra_dropout=1.0), g) == Dropped(pose=True, image=False)
 
 
 def test_audio_windows_of_dropped_samples_are_zero():
@@ -275,11 +280,29 @@ def test_audio_windows_of_dropped_samples_are_zero():
 
     config = TalkConfig.tiny(tiny_transformer(get_spec(TINY21)))
     audio = torch.randn(2, 9, 2, 16, generator=torch.Generator().manual_seed(0)).bfloat16()
-    windows = talk_windows(audio, [Dropped(audio=True), Dropped()], config)
+    windows = talk_windows(audio, [Dropped(audio=True), Dropped()], config, 9)
     kept = audio_windows(audio[1].float())
     assert windows.first.shape == (2, 1, 5, 2, 16) and windows.later.shape == (2, 2, 8, 2, 16)
     assert not windows.first[0].any() and not windows.later[0].any()
     assert torch.equal(windows.first[1], kept.first) and torch.equal(windows.later[1], kept.later)
+
+
+def test_training_reads_the_audio_context_exactly_as_generation():
+    """Shards keep 2 frames of the track either side of the clip; training's windows of a clip then equal what
+    generation reads from the whole track for those frames, at the clip's edges too (the reference's ±2 frames)."""
+    from svi_infer.talk import AUDIO_CONTEXT, TalkConfig
+    from svi_infer.variants.talk import clip_audio_windows
+
+    config = TalkConfig.tiny(tiny_transformer(get_spec(TINY21)))
+    track = torch.randn(40, 2, 16, generator=torch.Generator().manual_seed(1))
+    frames, clip, overlap = 9, 2, 1
+    start = clip * (frames - overlap)  # output frames 16..24
+    shard = track[start - AUDIO_CONTEXT : start + frames + AUDIO_CONTEXT]  # what data_tools stores
+    trained = talk_windows(shard[None], [Dropped()], config, frames, AUDIO_CONTEXT)
+    generated = clip_audio_windows(track, clip, frames, overlap, config.window, config.vae_scale)
+    assert torch.equal(trained.first[0], generated.first) and torch.equal(trained.later[0], generated.later)
+    clamped = talk_windows(shard[None, AUDIO_CONTEXT:-AUDIO_CONTEXT], [Dropped()], config, frames)  # old shards
+    assert not torch.equal(clamped.first[0], generated.first)  # clamped inside the clip: the edges differ
 
 
 @pytest.mark.numerics
@@ -315,7 +338,7 @@ def test_pose_dropout_in_a_mixed_batch_zeroes_only_the_dropped_samples_encoded_p
     assert all(p.grad is not None and not p.grad.any() for p in encoder.parameters())
 
 
-def test_pose_and_image_dropout_zeroes_y_and_injects_no_y_error():
+def test_image_dropout_zeroes_y_and_injects_no_y_error():
     from svi_train.module import SVILitModule
 
     recycling = RecyclingConfig(p_cond=1.0, p_clean=0.0, p_latent=0.0, capacity=4)
@@ -403,9 +426,10 @@ def test_dance_smoke_fit(dance_run, tmp_path):
     assert {k for k in ckpt["state_dict"] if POSE_KEY in k} == {f"transformer.{k}" for k in trained}
     poses = [step["pose"] for step in record.inputs]
     assert all(p.dtype == torch.uint8 and p.shape == (1, 3, 9, 48, 80) for p in poses)
-    # the exported adapter holds the pose encoder as SVI's dance file does; loading it attaches an identical one
-    file = load_file(str(adapter / "adapter_model.safetensors"))
-    assert all(torch.equal(file[k], v) for k, v in trained.items())
+    # the exported adapter holds the pose encoder in its own file beside the LoRA; loading it attaches an identical one
+    file = load_file(str(adapter / "pose_encoder.safetensors"))
+    assert file.keys() == trained.keys() and all(torch.equal(file[k], v) for k, v in trained.items())
+    assert not any(POSE_KEY in k for k in load_file(str(adapter / "adapter_model.safetensors")))
     model = build_model(get_spec(TINY21))
     meta = load_adapter(model, adapter)
     assert meta.defaults["conditioning"] == "pose"
@@ -450,18 +474,29 @@ def test_dance_exports_carry_the_pose_encoder(dance_run, tmp_path, fmt):
         assert_same_outputs(_out(model.transformers[0]), _out(reference.transformers[0]))
 
 
-def test_pose_and_image_dropout_in_the_step(dance_shards, tmp_path):
+def test_image_and_pose_dropout_in_the_step(dance_shards, tmp_path):
     _, record = _fit(
-        "dance", dance_shards, tmp_path / "drop", "conditioning.pose_and_image_dropout=1.0", "trainer.max_steps=2"
+        "dance",
+        dance_shards,
+        tmp_path / "drop",
+        "conditioning.image_dropout=1.0",
+        "conditioning.pose_dropout=0.0",
+        "conditioning.pose_extra_dropout=0.0",
+        "trainer.max_steps=2",
     )
     assert all(not s["y"].any() and not s["image"].any() for s in record.inputs)
+    assert all(s["pose"] is not None and s["pose_keep"] is None for s in record.inputs)  # pose + text, no image
+    _, record = _fit(
+        "dance", dance_shards, tmp_path / "nopose", "conditioning.pose_extra_dropout=1.0", "trainer.max_steps=2"
+    )
     assert all(s["pose"] is not None and not s["pose_keep"].any() for s in record.inputs)  # the pose is zeroed
     _, record = _fit(
         "dance",
         dance_shards,
         tmp_path / "keep",
         "conditioning.pose_dropout=0.0",
-        "conditioning.pose_and_image_dropout=0.0",
+        "conditioning.pose_extra_dropout=0.0",
+        "conditioning.image_dropout=0.0",
         "trainer.max_steps=2",
     )
     assert len(record.inputs) == 2
@@ -477,9 +512,15 @@ def test_resume_is_exact(talk_shards, dance_shards, tmp_path, experiment):
     ckpt = tmp_path / "straight" / "checkpoints" / "step000000002.ckpt"
     assert ckpt.is_file()
     resumed, _ = _fit(experiment, shards, tmp_path / "resumed", f"resume={ckpt}", "trainer.checkpoint_every_n_steps=2")
-    a, b = load_file(str(straight / "adapter_model.safetensors")), load_file(str(resumed / "adapter_model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert any(POSE_KEY in k for k in a) == (experiment == "dance")
+    for name in ("adapter_model.safetensors", "pose_encoder.safetensors"):  # the pose encoder: Dance only
+        assert (
+            (straight / name).is_file()
+            == (resumed / name).is_file()
+            == (name.startswith("adapter") or experiment == "dance")
+        )
+        if (straight / name).is_file():
+            a, b = load_file(str(straight / name)), load_file(str(resumed / name))
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # -- two ranks: the pose encoder is trained in sync and gathered like the LoRA under ZeRO-3 and FSDP ---------------
@@ -516,7 +557,7 @@ with initialize_config_module("conf", version_base="1.3"):
         "trainer.devices=2", "trainer.max_steps=3", "trainer.precision=32-true", "trainer.enable_progress_bar=false",
         "logger.kind=none", "lora.rank=4", "lora.alpha=4.0", "recycling.warmup_iters=3", "recycling.capacity=8",
         f"data.path={shards}", "data.resampled=true", "data.shuffle_buffer=0", f"output_dir={out}/run",
-        "conditioning.pose_and_image_dropout=0.5",
+        "conditioning.image_dropout=0.5",
     ])
 original = L.Trainer
 
@@ -552,5 +593,8 @@ def test_two_ranks(talk_shards, dance_shards, tmp_path, experiment, strategy):
     assert len(r0) - len(pose) == 40 and len(pose) == (14 if experiment == "dance" else 0)
     if pose:  # gathered whole, not a rank's shard
         assert r0["dwpose_embedding.12.weight"].shape == (24, 16, 1, 2, 2)
-    exported = load_file(str(tmp_path / "run" / "adapters" / "final" / "adapter_model.safetensors"))
+    final = tmp_path / "run" / "adapters" / "final"
+    exported = load_file(str(final / "adapter_model.safetensors"))
+    if pose:  # the pose encoder is written beside the LoRA
+        exported |= load_file(str(final / "pose_encoder.safetensors"))
     assert exported.keys() == r0.keys() and all(torch.equal(exported[k], r0[k]) for k in r0)
