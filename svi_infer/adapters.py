@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -486,15 +487,17 @@ def load_adapter(
     return meta
 
 
-def set_strength(model: WanModel, strength: float) -> None:
+def set_strength(model: WanModel, strength: float, per_adapter: Mapping[str, float] | None = None) -> None:
     """Scale every loaded adapter (SVI's test-time ``lora_alpha``; keep 1.0 for SVI adapters): the peft LoRAs'
-    scale, and the ``diff`` / ``diff_b`` deltas recomputed from the parameters' values before them."""
+    scale, and the ``diff`` / ``diff_b`` deltas recomputed from the parameters' values before them.
+    ``per_adapter``: strengths of named adapters (stacked ones, e.g. a step-distill LoRA), the rest ``strength``."""
+    chosen = dict(per_adapter or {})
     for transformer in model.transformers:
         names = list(getattr(transformer, "peft_config", {}) or {})
         if names:
-            transformer.set_adapters(names, weights=[strength] * len(names))
+            transformer.set_adapters(names, weights=[chosen.get(n, strength) for n in names])
         for entry in transformer.__dict__.get(_DELTAS, {}).values():
-            entry.strengths = dict.fromkeys(entry.deltas, strength)
+            entry.strengths = {n: chosen.get(n, strength) for n in entry.deltas}
             entry.apply()
 
 

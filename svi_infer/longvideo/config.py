@@ -53,6 +53,7 @@ class AdapterConfig:
     low_noise: str | None = MISSING
     strength: float = MISSING
     ignore_unmatched: bool = MISSING
+    extra: Any = MISSING  # a list of {path, strength}: LoRAs stacked on the SVI adapter
 
 
 @dataclass

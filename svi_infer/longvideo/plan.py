@@ -37,6 +37,7 @@ class Plan:
     model_path: str | None
     settings: GenerationSettings
     adapters: list[tuple[Path, str | None]]  # (path, expert)
+    extras: list[tuple[Path, float]]  # LoRAs stacked on them: (path, strength)
     image: Image.Image
     prompts: list[str]
     output: Path
@@ -74,6 +75,29 @@ def _adapters(cfg: DictConfig, spec: ModelSpec) -> list[tuple[Path, str | None]]
         else:
             raise AdapterError(f"adapter.{expert}={path} holds no {expert}/ sub-directory (it has {', '.join(split)})")
     return adapters
+
+
+def _extras(cfg: DictConfig, spec: ModelSpec) -> list[tuple[Path, float]]:
+    """``adapter.extra``: LoRAs stacked on the SVI adapter (a step-distill or style LoRA), each ``{path, strength}``;
+    one made for another base is refused, and their recorded defaults are not used."""
+    extras = []
+    given = cfg.adapter.get("extra")
+    if given is not None and not OmegaConf.is_list(given):
+        raise ValueError(f"adapter.extra must be a list of {{path, strength}}, got {given!r}")
+    for i, entry in enumerate(OmegaConf.to_container(given, resolve=True) if given is not None else []):
+        if not isinstance(entry, dict) or set(entry) - {"path", "strength"} or "path" not in entry:
+            raise ValueError(f"adapter.extra[{i}] must be {{path: <LoRA file or directory>, strength: <number>}}")
+        path = Path(entry["path"]).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"adapter {path} does not exist; check adapter.extra[{i}].path")
+        strength = entry.get("strength", 1.0)
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)):
+            raise ValueError(f"adapter.extra[{i}].strength must be a number, got {strength!r}")
+        meta = read_meta(path)
+        if meta is not None:
+            meta.check_base(spec, path)
+        extras.append((path, float(strength)))
+    return extras
 
 
 def resolve_settings(cfg: DictConfig, spec: ModelSpec, adapter_defaults: dict[str, Any]) -> GenerationSettings:
@@ -149,6 +173,7 @@ def plan(cfg: DictConfig) -> Plan:
     output = Path(cfg.output).expanduser()
     check_output(output, cfg.resume, cfg.overwrite)
     adapters = _adapters(cfg, spec)
+    extras = _extras(cfg, spec)
     defaults, trained = _adapter_defaults(adapters, spec)
     settings = resolve_settings(cfg, spec, defaults)
     settings.validate(spec)
@@ -167,6 +192,7 @@ def plan(cfg: DictConfig) -> Plan:
         model_path,
         settings,
         adapters,
+        extras,
         image,
         prompts,
         output,
@@ -191,12 +217,16 @@ def run(cfg: DictConfig) -> GenerationResult:
     p.conditioning.attach(model, p.inputs)  # before the adapters, so an adapter holding LoRA for its modules finds them
     for path, expert in p.adapters:
         load_adapter(model, path, expert=expert, ignore_unmatched=cfg.adapter.ignore_unmatched)
-    if p.adapters:
-        set_strength(model, cfg.adapter.strength)
+    stacked = {f"extra_{i}": strength for i, (_, strength) in enumerate(p.extras)}
+    for name, (path, _) in zip(stacked, p.extras, strict=True):
+        load_adapter(model, path, adapter_name=name, ignore_unmatched=cfg.adapter.ignore_unmatched)
+    if p.adapters or p.extras:
+        set_strength(model, cfg.adapter.strength, stacked)
     provenance = {
         "model_path": p.model_path,
         "original_files": [str(f) for f in (*original.transformer, *original.transformer_2, original.vae) if f],
         "adapters": [{"path": str(a), "expert": e} for a, e in p.adapters],
+        "extra_adapters": [{"path": str(a), "strength": s} for a, s in p.extras],
         "adapter_strength": cfg.adapter.strength,
         "image": str(cfg.image),
     }

@@ -293,3 +293,40 @@ def test_an_older_dance_adapter_directory_exports_with_the_pose_encoder_split_of
     (out,) = export(source, "diffusers", tmp_path / "exported")
     assert sorted(load_file(str(out / "pose_encoder.safetensors"))) == sorted(pose)
     _close(_diffusers_load(out), _merged(lora))
+
+
+def test_stacked_loras_equal_the_direct_merge_of_both(tmp_path):
+    """The SVI adapter plus a stacked LoRA (``adapter.extra``), each at its own strength, equal the direct merge
+    W += s1 * alpha / r * B1 A1 + s2 * alpha / r * B2 A2."""
+    first, second = _random_lora(EXPORTED[:6], seed=1), _random_lora(EXPORTED[3:9], seed=2)
+    _peft_dir(tmp_path / "svi", first)
+    _peft_dir(tmp_path / "style", second)
+    model = build_model(get_spec(TINY21))
+    load_adapter(model, tmp_path / "svi")
+    load_adapter(model, tmp_path / "style", adapter_name="extra_0")
+    set_strength(model, 0.8, {"extra_0": 0.5})
+    reference = build_model(get_spec(TINY21))
+    transformer = reference.transformers[0]
+    with torch.no_grad():
+        for lora, strength in ((first, 0.8), (second, 0.5)):
+            for name, (a, b) in lora.items():
+                transformer.get_submodule(name).weight += strength * ALPHA / RANK * (b @ a)
+    _close(model, reference)
+
+
+def test_adapter_extra_is_planned_and_checked(tmp_path, image_file):
+    import svi_infer.longvideo.plan as app
+    from tests.helpers import compose_infer
+
+    _peft_dir(tmp_path / "style", _random_lora(EXPORTED[:2]))
+    base = ["model=tiny_wan21_i2v", f"image={image_file}", "prompts=a"]
+    p = app.plan(compose_infer([*base, f"adapter.extra=[{{path:{tmp_path / 'style'},strength:0.5}}]"]))
+    assert p.extras == [(tmp_path / "style", 0.5)]
+    for extra, message in (
+        ("[{path:/no/such.safetensors}]", r"check adapter.extra\[0\].path"),
+        (f"[{{path:{tmp_path / 'style'},strength:strong}}]", r"adapter.extra\[0\].strength must be a number"),
+        ("[{strength:1.0}]", r"adapter.extra\[0\] must be \{path"),
+        ("lightx2v.safetensors", "adapter.extra must be a list"),
+    ):
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            app.plan(compose_infer([*base, f"adapter.extra={extra}"]))
