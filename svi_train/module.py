@@ -87,7 +87,7 @@ class SVILitModule(L.LightningModule):
         self.conditioning.attach_training(self.model, self.conditioned(), seed)
         for transformer in self.expert_modules().values():
             transformer.train()
-            if optim.gradient_checkpointing:
+            if optim.checkpointing(spec):
                 transformer.enable_gradient_checkpointing()
         # errors at the noise endpoint (paper B_noi) and at the data endpoint (paper B_vid), keyed by expert + grid
         self.noise_errors, self.x0_errors = make_banks(recycling, len(spec.experts))
