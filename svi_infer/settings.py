@@ -9,7 +9,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass, fields, replace
 
-from svi_infer.spec import NEGATIVE_PROMPT_EN, ModelSpec, check_frames_per_clip
+from svi_infer.spec import ModelSpec, check_frames_per_clip
 from svi_infer.variants import make_conditioning, make_handoff
 
 # increment: clip k draws its noise from seed + k; multiply: seed * k (SVI's seed multiplier, so clip 0 gets 0
@@ -21,7 +21,6 @@ DEFAULT_NUM_CLIPS = 3  # what num_clips=None means without audio to measure
 # reference: the size follows the image (aspect kept, width <= max_width), as SVI's Wan 2.1 scripts size it;
 # crop: the model's default size (or height x width), the image centre-cropped to it.
 FITS = ("reference", "crop")
-DEFAULT_NEGATIVE_PROMPT = NEGATIVE_PROMPT_EN  # Wan 2.1's; each model's own is ModelSpec.negative_prompt
 
 
 def reference_size(image_width: int, image_height: int, max_width: int, multiple: int = 16) -> tuple[int, int]:
