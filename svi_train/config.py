@@ -35,6 +35,7 @@ class OptimSettings:
     lr: float = 1e-4
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
+    optimizer: str = "adamw"  # adamw | adamw8bit (torchao's AdamW8bit: 8-bit moments, ~1/4 of AdamW's state)
     timesteps: str = "shifted_uniform"  # SVI's table with its bell-shaped loss weight | logit_normal
     gradient_checkpointing: bool | None = None  # None: on for real models, off for the tiny and bundled ones
     max_nonfinite_in_row: int = 5  # non-finite losses are skipped; this many in a row stop the run
@@ -100,6 +101,33 @@ class ConditioningSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"conditioning.{name} must be a probability in [0, 1], got {value!r}")
+
+
+BASE_DTYPES = ("auto", "bf16", "fp8")
+OFFLOAD_CHOICES = ("none", "group")
+
+
+@dataclass(frozen=True)
+class MemorySettings:
+    """How the frozen base DiT is held during training (the LoRA, its gradients and optimizer state never change
+    dtype or device): its storage dtype and whether its blocks stay on the GPU; :mod:`svi_train.plan` predicts
+    what each choice costs and refuses a run that will not fit."""
+
+    base_dtype: str = "auto"  # auto: bf16 under bf16 precision, else fp32 | bf16 | fp8 (float8 storage, bf16 compute)
+    offload: str = "none"  # none | group: the base's blocks live on the CPU, blocks_per_group at a time on the GPU
+    blocks_per_group: int = 1  # offload=group: blocks moved to the GPU together
+    gpu_gib: float | None = None  # the GPU size the plan is checked against; None: the device's own (CPU: none)
+    ignore_plan: bool = False  # start even when the memory plan says the run will not fit the GPU
+
+    def __post_init__(self) -> None:
+        if self.base_dtype not in BASE_DTYPES:
+            raise ValueError(f"memory.base_dtype must be one of {BASE_DTYPES}, got {self.base_dtype!r}")
+        if self.offload not in OFFLOAD_CHOICES:
+            raise ValueError(f"memory.offload must be one of {OFFLOAD_CHOICES}, got {self.offload!r}")
+        if not _is_int(self.blocks_per_group) or self.blocks_per_group < 1:
+            raise ValueError(f"memory.blocks_per_group must be an integer >= 1, got {self.blocks_per_group!r}")
+        if self.gpu_gib is not None and (not _is_number(self.gpu_gib) or self.gpu_gib <= 0):
+            raise ValueError(f"memory.gpu_gib must be a number of GiB > 0 or null, got {self.gpu_gib!r}")
 
 
 EXPERT_CHOICES = ("all", "high_noise", "low_noise")
@@ -233,6 +261,7 @@ SCHEMAS: dict[str, type] = {
     "optim": OptimSettings,
     "conditioning": ConditioningSettings,
     "experts": ExpertSettings,
+    "memory": MemorySettings,
 }
 
 

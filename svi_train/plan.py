@@ -24,6 +24,7 @@ from svi_train.config import (
     ExpertSettings,
     LoggerSettings,
     LoraSettings,
+    MemorySettings,
     OptimSettings,
     RecyclingConfig,
     TrainerSettings,
@@ -51,6 +52,7 @@ class TrainPlan:
     callbacks: CallbackSettings
     optim: OptimSettings
     experts: ExpertSettings
+    memory: MemorySettings
     trained: tuple[str, ...]  # the experts this run trains, in the spec's order
     index: dict  # the shards' index.json
     shards: list[str]  # the shard files, every one present

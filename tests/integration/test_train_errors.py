@@ -52,7 +52,7 @@ def test_help_and_cfg_job_import_nothing_heavy(tmp_path):
     [
         (
             "+optim.lrr=1e-4",
-            "unknown key optim.lrr: optim takes lr, weight_decay, betas, timesteps, gradient_checkpointing, "
+            "unknown key optim.lrr: optim takes lr, weight_decay, betas, optimizer, timesteps, gradient_checkpointing, "
             "max_nonfinite_in_row (python -m svi_train --cfg job prints every key)",
         ),
         ("+lora.foo=1", "unknown key lora.foo: lora takes rank, alpha, target_modules, init (python -m svi_train"),
