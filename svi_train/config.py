@@ -240,7 +240,7 @@ class RecyclingConfig:
 class DataConfig:
     """Where the shards are and how they stream."""
 
-    path: str = "???"  # a data_tools output folder (with index.json and shards/)
+    path: str = "???"  # a data_tools output folder, or a URL (https://, s3://, gs://) or pipe: command with {name}
     batch_size: int = 1
     num_workers: int = 0
     shuffle_buffer: int = 64
@@ -249,6 +249,7 @@ class DataConfig:
     p_more_motion: float = 0.9  # with several: the largest count with this probability, else the smallest
     motion_latents: tuple[int, ...] = (0, 1)  # latent hand-off: motion latents to draw (0 = a clip-0 sample)
     max_skip_ratio: float = 0.1  # stop when more than this share of samples/shards cannot be used
+    retries: int = 3  # a remote shard or index.json whose connection drops is reopened this often (0.5 s, 1 s, 2 s)
 
 
 SCHEMAS: dict[str, type] = {

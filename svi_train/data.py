@@ -7,16 +7,18 @@ Samples are bucketed by resolution so a batch never mixes shapes.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import lightning as L
 import torch
 import webdataset as wds
 from torch import Tensor
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from svi_infer.errors import UserError
 from svi_infer.schema import TEXT_LEN, SchemaError, from_members, padded_text
+from svi_train import remote
 from svi_train.config import DataConfig
 from svi_train.shards import few
 
@@ -41,39 +43,67 @@ class _Validated:
     were read, and at the end of every pass over the shards, so a small set of bad samples fails on its first pass
     instead of giving empty epochs forever."""
 
-    def __init__(self, max_skip_ratio: float, shards: list[str], min_seen: int = 10, text_len: int = TEXT_LEN) -> None:
+    def __init__(
+        self,
+        max_skip_ratio: float,
+        shards: list[str],
+        min_seen: int = 10,
+        text_len: int = TEXT_LEN,
+        root: str | None = None,
+    ) -> None:
         self.text_len = text_len  # text padded to the model's length (Wan: 512), as its prompt encoder pads
+        self.root = root  # data.path: a remote one's shards are named by it (URLs, pipe: commands)
         self.skipped = 0
         self.good = 0
         self.max_skip_ratio = max_skip_ratio
         self.shards = shards
         self.min_seen = min_seen
         self.bad_shards: dict[str, None] = {}  # names of the shards skipped items came from, in order
+        self.unreadable: set[str] = set()  # shards that kept failing: counted once, their cut-off sample with them
         self.first_problem: str | None = None
 
     def shard_error(self, exn: Exception) -> bool:
-        """webdataset handler for a truncated, missing or unreadable shard: count it and go on."""
+        """webdataset handler for a truncated, missing or unreadable shard: count it and go on. One that kept
+        failing after its retries (:class:`remote.Unreadable`, raised again on each later read) counts once."""
+        if isinstance(exn, remote.Unreadable):
+            if not exn.reported:
+                exn.reported = True
+                self.unreadable.add(exn.location)
+                self._skip(f"shard {remote.shown(exn.location)}: {exn.reason}", exn.location)
+            return True
         shard = next((s for s in self.shards if any(s in str(arg) for arg in exn.args)), None)
         reason = exn.strerror if isinstance(exn, OSError) and exn.strerror else (exn.args or [exn])[0]
-        self._skip(f"shard {Path(shard).name if shard else '?'}: {type(exn).__name__}: {reason}", shard)
+        if self.root and remote.is_remote(self.root):
+            reason = remote.shown(str(reason))  # a URL in it may carry a password
+        self._skip(f"shard {self._name(shard) if shard else '?'}: {type(exn).__name__}: {reason}", shard)
         return True
+
+    def _name(self, shard: str) -> str:
+        """The shard's file name, for messages."""
+        if self.root and remote.is_remote(self.root):
+            return remote.name_in(self.root, shard).removeprefix("shards/")
+        return Path(shard).name
 
     def _skip(self, what: str, shard: str | None) -> None:
         self.skipped += 1
         log.warning("data: skipped %s", what)
         self.first_problem = self.first_problem or what
         if shard:
-            self.bad_shards[Path(shard).name] = None
+            self.bad_shards[self._name(shard)] = None
         self._check(end_of_pass=False)
 
     def _check(self, end_of_pass: bool) -> None:
         seen = self.skipped + self.good
         if seen and (end_of_pass or seen >= self.min_seen) and self.skipped / seen > self.max_skip_ratio:
-            folder = Path(self.shards[0]).parent
+            if self.root and remote.is_remote(self.root):
+                folder, check = remote.shown(remote.member(self.root, "shards")), "<a local copy>"
+            else:
+                folder = Path(self.shards[0]).parent
+                check = folder.parent
             raise DataSkipError(
                 f"{self.skipped} of {seen} samples read could not be used (more than data.max_skip_ratio="
                 f"{self.max_skip_ratio}), from {few(list(self.bad_shards))} in {folder}; the first: "
-                f"{self.first_problem}; check the shards with `python -m data_tools verify output={folder.parent}` "
+                f"{self.first_problem}; check the shards with `python -m data_tools verify output={check}` "
                 "and prepare them again"
             )
 
@@ -82,7 +112,8 @@ class _Validated:
             try:
                 sample = from_members(raw)
             except SchemaError as err:
-                self._skip(str(err), raw.get("__url__"))
+                if raw.get("__url__") not in self.unreadable:
+                    self._skip(str(err), raw.get("__url__"))
                 continue
             self.good += 1
             t = sample.tensors
@@ -102,6 +133,25 @@ class _Validated:
                 "data_skipped": self.skipped,
             }
         self._check(end_of_pass=True)
+
+
+def _opened(handler: Callable[[Exception], bool], retries: int | None) -> Callable[[Iterator[dict]], Iterator[dict]]:
+    """webdataset's url_opener, a remote shard read through :class:`remote.RetryingReader` (``retries``: None for
+    its default): a dropped connection is reopened where it stopped, so the samples stay whole."""
+
+    def stage(source: Iterator[dict]) -> Iterator[dict]:
+        for sample in source:
+            url = sample["url"]
+            try:
+                stream = remote.RetryingReader(url, retries) if remote.is_remote(url) else open(url, "rb")  # noqa: SIM115
+            except Exception as exn:  # noqa: BLE001 (the handler decides, as webdataset's own opener does)
+                exn.args = (*exn.args, url)
+                if handler(exn):
+                    continue
+                break
+            yield {**sample, "stream": stream}
+
+    return stage
 
 
 def _bucketed(batch_size: int):
@@ -162,7 +212,7 @@ class WdsDataModule(L.LightningDataModule):
     def pipeline(self) -> wds.DataPipeline:
         c = self.config
         # its counts, for num_workers=0
-        validated = self.validated = _Validated(c.max_skip_ratio, self.shards, text_len=self.text_len)
+        validated = self.validated = _Validated(c.max_skip_ratio, self.shards, text_len=self.text_len, root=c.path)
         shards = (
             [wds.ResampledShards(self.shards, seed=self.seed, deterministic=True)]  # per rank and worker: resumable
             if c.resampled
@@ -171,7 +221,9 @@ class WdsDataModule(L.LightningDataModule):
         return wds.DataPipeline(
             *shards,
             wds.split_by_worker,
-            wds.tarfile_to_samples(handler=validated.shard_error),
+            _opened(validated.shard_error, c.retries),
+            wds.pipelinefilter(tar_file_expander)(handler=validated.shard_error),
+            wds.pipelinefilter(group_by_keys)(handler=validated.shard_error),
             wds.shuffle(c.shuffle_buffer, seed=self.seed) if c.shuffle_buffer > 1 else (lambda s: s),
             validated,
             _bucketed(c.batch_size),
@@ -211,7 +263,15 @@ class _ResumableLoader:
         if not batches:
             c = self.owner.config
             raise UserError(
-                f"a pass over the {len(self.owner.shards)} shards in {Path(self.owner.shards[0]).parent} gave this "
+                f"a pass over the {len(self.owner.shards)} shards in {_folder(self.owner)} gave this "
                 f"process no batch of data.batch_size={c.batch_size} samples of one shape: lower data.batch_size or "
                 "prepare more samples (with more ranks than shards: data.resampled=true)"
             )
+
+
+def _folder(data: WdsDataModule) -> str:
+    """Where the data module's shards are, for messages."""
+    root = data.config.path
+    if remote.is_remote(root):
+        return remote.shown(remote.member(root, "shards"))
+    return str(Path(data.shards[0]).parent)

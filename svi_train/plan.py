@@ -30,6 +30,7 @@ from svi_train.config import (
     TrainerSettings,
     typed,
 )
+from svi_train.remote import shown
 from svi_train.shards import check_trained_variant, read_index, shard_files, shards_variant
 
 
@@ -96,7 +97,7 @@ def plan(cfg: DictConfig) -> TrainPlan:
         )
     index = read_index(data.path)
     if index["spec"] != spec.id and get_spec(index["spec"]).family != spec.family:
-        raise UserError(f"the shards in {data.path} were encoded for {index['spec']}, not {spec.id}")
+        raise UserError(f"the shards in {shown(data.path)} were encoded for {index['spec']}, not {spec.id}")
     check_trained_variant(shards_variant(index, data.path, conditioning.name), variant, data.path, index)
     conditioning.check_training(
         spec, defaults.get("fps"), index["fps"], settings["callbacks"].preview_every_n_steps > 0

@@ -10,37 +10,68 @@ from omegaconf import MISSING
 
 from svi_infer.errors import UserError
 from svi_infer.variants import VariantSpec
+from svi_train import remote
 
 PREPARE = "`python -m data_tools prepare`"
 
 
 def read_index(path: str | Path) -> dict:
-    """The folder's ``index.json`` (data_tools writes it last: a folder without it was never fully prepared)."""
+    """The folder's ``index.json`` (data_tools writes it last: a folder without it was never fully prepared). A
+    remote folder's (a URL, a ``pipe:`` command: :mod:`svi_train.remote`) is fetched with retries; one that stays
+    out of reach is a one-line error."""
     if str(path) == MISSING:
         raise UserError(f"data.path is required: the folder {PREPARE} wrote (with index.json and shards/)")
-    index_path = Path(path).expanduser() / "index.json"
-    if not index_path.is_file():
-        raise FileNotFoundError(f"{index_path} does not exist: prepare shards with {PREPARE}")
+    if remote.is_remote(str(path)):
+        location = remote.member(str(path), "index.json")
+        try:
+            text = remote.read_bytes(location)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"{remote.shown(location)} does not exist: check data.path, or prepare shards with {PREPARE} and "
+                "upload the folder"
+            ) from None
+        except ImportError as err:  # gs:// without gcsfs: fsspec's message names the package
+            raise UserError(f"cannot read {remote.shown(location)}: {err}") from None
+        except (OSError, ValueError) as err:  # kept failing; refused; an unknown protocol
+            reason = err.reason if isinstance(err, remote.Unreadable) else remote.describe(err)
+            raise UserError(
+                f"cannot read {remote.shown(location)}: {reason}; check data.path and the connection (and, for s3:// "
+                "or gs://, the credentials)"
+            ) from None
+        index_path = remote.shown(location)
+    else:
+        index_path = Path(path).expanduser() / "index.json"
+        if not index_path.is_file():
+            raise FileNotFoundError(f"{index_path} does not exist: prepare shards with {PREPARE}")
+        text = index_path.read_bytes()
     try:
-        return json.loads(index_path.read_text(encoding="utf-8"))
+        return json.loads(text.decode("utf-8"))
     except ValueError as err:
         raise UserError(f"{index_path} is not valid JSON ({err}): prepare the shards again with {PREPARE}") from None
 
 
 def shard_files(path: str | Path, index: dict) -> list[str]:
     """Every shard ``index.json`` lists, each present: one gone (a partial copy, a deleted file) is named at start
-    rather than skipped mid-run."""
-    folder = Path(path).expanduser() / "shards"
-    files = [folder / shard["name"] for shard in index.get("shards", [])]
-    if not files:
+    rather than skipped mid-run. Remote ones are URLs (``pipe:`` commands); they are checked where the store lists
+    a folder in one request (``s3://``, ``gs://``; not ``http(s)://`` nor ``pipe:``), else as they are read."""
+    names = [shard["name"] for shard in index.get("shards", [])]
+    if not names:
         raise UserError(f"{path} holds no shard (index.json lists none): prepare shards with {PREPARE}")
-    missing = [f.name for f in files if not f.is_file()]
+    files = [remote.member(str(path), f"shards/{name}") for name in names]
+    if remote.is_remote(str(path)):
+        folder = remote.member(str(path), "shards")
+        present = remote.listed_names(folder)
+        missing = [] if present is None else [name for name in names if name not in present]
+        folder = remote.shown(folder)
+    else:
+        folder = Path(path).expanduser() / "shards"
+        missing = [name for name, file in zip(names, files, strict=True) if not Path(file).is_file()]
     if missing:
         raise UserError(
             f"{len(missing)} of the {len(files)} shards index.json lists are missing from {folder}: {few(missing)}; "
             f"copy them back, or prepare the folder again with {PREPARE}"
         )
-    return [str(f) for f in files]
+    return files
 
 
 def few(names: list[str], limit: int = 5) -> str:
@@ -54,7 +85,9 @@ def shards_variant(index: dict, path: str | Path, unrecorded_conditioning: str =
     carry its parts at the top level and no conditioning (``unrecorded_conditioning`` stands in: their samples
     show whether they hold audio or poses)."""
     if "variant" in index:
-        return VariantSpec.from_record(index["variant"], f"{Path(path) / 'index.json'}")
+        remote_path = remote.is_remote(str(path))
+        label = remote.shown(remote.member(str(path), "index.json")) if remote_path else Path(path) / "index.json"
+        return VariantSpec.from_record(index["variant"], f"{label}")
     handoff = index.get("handoff", "pixel")  # shards from before the latent hand-off existed are pixel ones
     return VariantSpec(
         conditioning=unrecorded_conditioning,
