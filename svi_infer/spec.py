@@ -49,6 +49,7 @@ class ModelSpec:
     latent_channels: int
     text_dim: int
     image_dim: int | None  # CLIP hidden size; None = no image encoder (Wan 2.2)
+    image_tokens: int = 257  # CLIP tokens per image (ViT-H/14 at 224: 16 x 16 patches + class token)
     ffn_dim: int = 13824
     freq_dim: int = 256
     experts: tuple[str, ...] = ("main",)
@@ -162,6 +163,7 @@ def _tiny_twin(spec: ModelSpec) -> ModelSpec:
         ffn_dim=32,
         freq_dim=32,
         image_dim=4 if spec.has_image_encoder else None,
+        image_tokens=32 * 32 + 1,  # the tiny CLIP: 32 x 32 one-pixel patches + class token
         height=3 * spec.spatial_multiple,
         width=5 * spec.spatial_multiple,
         steps=8,

@@ -6,6 +6,7 @@ Dimensions follow reference/feasibility.md §2 (configs measured to work with di
 
 from __future__ import annotations
 
+import math
 import string
 
 import torch
@@ -94,9 +95,10 @@ def tiny_image_encoder(spec: ModelSpec) -> tuple[CLIPVisionModel, CLIPImageProce
             projection_dim=spec.image_dim,
             num_hidden_layers=2,
             num_attention_heads=2,
-            image_size=32,
+            image_size=math.isqrt(spec.image_tokens - 1),  # one-pixel patches
             intermediate_size=16,
             patch_size=1,
         )
         model = CLIPVisionModel(config).eval()
-    return model, CLIPImageProcessorPil(crop_size=32, size=32)
+    side = math.isqrt(spec.image_tokens - 1)
+    return model, CLIPImageProcessorPil(crop_size=side, size=side)

@@ -30,6 +30,9 @@ class LoraSettings:
     init: str = "kaiming"  # peft's default init (A kaiming-uniform, B zero); "gaussian" also works
 
 
+OPTIMIZERS = ("adamw", "adamw8bit")
+
+
 @dataclass(frozen=True)
 class OptimSettings:
     lr: float = 1e-4
@@ -39,6 +42,10 @@ class OptimSettings:
     timesteps: str = "shifted_uniform"  # SVI's table with its bell-shaped loss weight | logit_normal
     gradient_checkpointing: bool | None = None  # None: on for real models, off for the tiny and bundled ones
     max_nonfinite_in_row: int = 5  # non-finite losses are skipped; this many in a row stop the run
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optim.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
 
     def checkpointing(self, spec: ModelSpec) -> bool:
         """Whether the DiT blocks recompute their activations in the backward pass: as set, else on for real
@@ -128,6 +135,17 @@ class MemorySettings:
             raise ValueError(f"memory.blocks_per_group must be an integer >= 1, got {self.blocks_per_group!r}")
         if self.gpu_gib is not None and (not _is_number(self.gpu_gib) or self.gpu_gib <= 0):
             raise ValueError(f"memory.gpu_gib must be a number of GiB > 0 or null, got {self.gpu_gib!r}")
+
+    def storage(self, trainer: TrainerSettings) -> str:
+        """``base_dtype`` resolved: ``auto`` is bf16 storage under a bf16 precision (a 14B base in fp32 is 56 GB)
+        and fp32 otherwise, and always fp32 under DeepSpeed and FSDP, whose own precision handling casts (DeepSpeed
+        bf16) or computes in bf16 from fp32 shards (FSDP mixed precision), and which need one dtype per flattened
+        block."""
+        if self.base_dtype != "auto":
+            return self.base_dtype
+        if trainer.strategy.startswith(("deepspeed", "fsdp")) or "bf16" not in str(trainer.precision):
+            return "fp32"
+        return "bf16"
 
 
 EXPERT_CHOICES = ("all", "high_noise", "low_noise")

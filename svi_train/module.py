@@ -10,15 +10,17 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from svi_infer.adapters import AdapterMeta
 from svi_infer.conditioning import MASK_CHANNELS, held_timesteps, replace_held
 from svi_infer.flow import add_noise, velocity_target
+from svi_infer.memory import lora_to_float32, offload_layers, parked, store_float8
 from svi_infer.model import build_model
 from svi_infer.spec import ModelSpec
 from svi_infer.variants import VariantSpec, make_conditioning, make_handoff
 from svi_infer.variants.base import Conditioning
-from svi_train.config import ExpertSettings, LoraSettings, OptimSettings
+from svi_train.config import ExpertSettings, LoraSettings, MemorySettings, OptimSettings, TrainerSettings
 from svi_train.experts import Experts
 from svi_train.export import CHECKPOINT_KEY
 from svi_train.faults import NonFiniteGuard
@@ -44,6 +46,21 @@ def json_safe(data: dict) -> dict:
     return json.loads(json.dumps(data, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
 
 
+def cast_lora_inputs_outside_autocast(module: torch.nn.Module) -> None:
+    """peft casts each adapted layer's input to the LoRA's float32; under autocast (bf16-mixed) the LoRA's matmul
+    then runs in bf16 anyway, and the cast only keeps another bf16 copy of the input for the backward (a block's
+    worth of extra activations). The cast is turned off while autocast is on, in the forward and in gradient
+    checkpointing's recompute alike, and kept outside it (previews, evaluation)."""
+
+    def follow_autocast(layer: torch.nn.Module, args: tuple) -> None:
+        device = args[0].device.type if args and isinstance(args[0], torch.Tensor) else "cpu"
+        layer.cast_input_dtype_enabled = not torch.is_autocast_enabled(device)
+
+    for layer in module.modules():
+        if isinstance(layer, BaseTunerLayer):
+            layer.register_forward_pre_hook(follow_autocast)
+
+
 class SVILitModule(L.LightningModule):
     """Trains a LoRA on the Wan DiT with SVI's error recycling; the VAE and encoders never run in the step."""
 
@@ -63,10 +80,13 @@ class SVILitModule(L.LightningModule):
         seed: int = 0,
         save_banks: bool = True,
         experts: ExpertSettings | None = None,
+        memory: MemorySettings | None = None,
+        trainer: TrainerSettings | None = None,
     ) -> None:
         """``variant``: what is trained (conditioning, hand-off, the motion counts drawn, with ``p_more_motion`` for
         the largest); ``conditioning``: its strategy with the training dropout (default: the variant's, dropping
-        nothing); ``defaults``: the generation defaults the exported adapters record."""
+        nothing); ``defaults``: the generation defaults the exported adapters record; ``memory``: the frozen base's
+        storage dtype and offload, with ``trainer`` (its precision and strategy) deciding what ``auto`` means."""
         super().__init__()
         self.spec, self.model_path, self.lora, self.recycling, self.optim = spec, model_path, lora, recycling, optim
         self.variant = variant or VariantSpec()
@@ -78,8 +98,18 @@ class SVILitModule(L.LightningModule):
         self.defaults = dict(defaults or {})
         self.timesteps = TimestepSampler(mode=optim.timesteps, shift=recycling.shift)
         self.experts = Experts(spec, experts or ExpertSettings(), self.timesteps, recycling, seed)
-        self.model = build_model(spec, model_path)
+        self.memory = memory or MemorySettings()
+        self.base_dtype = self.memory.storage(trainer or TrainerSettings())
+        # bf16 storage comes from the loader (diffusers keeps its float32 modules: norms, time embedder, rope);
+        # float8 storage is applied to the bf16 base before peft injects the LoRA, so only base layers get the cast
+        self.model = build_model(spec, model_path, dtype=torch.float32 if self.base_dtype == "fp32" else torch.bfloat16)
+        if self.base_dtype == "fp8":
+            for transformer in self.model.transformers:
+                store_float8(transformer, compute_dtype=torch.bfloat16)
         self.experts.attach(self, self.model, self.lora_config, self.ADAPTER)
+        if self.base_dtype != "fp32":  # peft gave the LoRA its base layer's dtype: trained weights stay float32
+            for transformer in self.model.transformers:
+                lora_to_float32(transformer)
         self.step_expert = self.experts.trained[0]  # the expert of the current step
         # after add_adapter: Talk's audio modules stay out of peft's reach (frozen, no LoRA); Dance's pose encoder
         # stays trainable (add_adapter freezes whatever is not a LoRA), reachable as transformer.dwpose_embedding
@@ -87,6 +117,7 @@ class SVILitModule(L.LightningModule):
         self.conditioning.attach_training(self.model, self.conditioned(), seed)
         for transformer in self.expert_modules().values():
             transformer.train()
+            cast_lora_inputs_outside_autocast(transformer)
             if optim.checkpointing(spec):
                 transformer.enable_gradient_checkpointing()
         # errors at the noise endpoint (paper B_noi) and at the data endpoint (paper B_vid), keyed by expert + grid
@@ -130,11 +161,24 @@ class SVILitModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.rank_state.seed_rank(self.global_rank)
+        if self.memory.offload == "group":
+            # before Lightning's strategy setup moves the module to its device (which _apply below keeps off the
+            # offloaded layers); the layers are on the CPU already, and go to the GPU for their forward only
+            for transformer in self.expert_modules().values():
+                offload_layers(transformer, self.trainer.strategy.root_device)
+
+    def _apply(self, fn, recurse: bool = True):
+        """Whole-module moves and casts (Lightning's ``to(device)`` in strategy setup, ``cpu()`` at teardown) leave
+        the group-offloaded base layers where diffusers' hooks keep them (:func:`svi_infer.memory.parked`)."""
+        with parked(self):
+            return super()._apply(fn, recurse)
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]  # shared (tied) LoRA weights once
-        o = self.optim  # AdamW, or DeepSpeed's CPU AdamW under ZeRO-Offload
-        return make_optimizer(params, self.trainer.strategy, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+        o = self.optim  # AdamW (torchao's 8-bit AdamW with optim.optimizer=adamw8bit), DeepSpeed's under ZeRO-Offload
+        return make_optimizer(
+            params, self.trainer.strategy, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, kind=o.optimizer
+        )
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)  # norm clipping under FSDP too

@@ -78,6 +78,51 @@ def plan(cfg: DictConfig) -> TrainPlan:
             f"callbacks.preview_every_n_steps: previews run the DiT on rank 0 alone, which trainer.strategy="
             f"{trainer.strategy} shards across ranks (it hangs or fails); set callbacks.preview_every_n_steps=0"
         )
+    memory, optim, sharded = settings["memory"], settings["optim"], trainer.strategy.startswith(("deepspeed", "fsdp"))
+    if memory.base_dtype != "auto" and sharded:
+        raise ValueError(
+            f"memory.base_dtype={memory.base_dtype}: trainer.strategy={trainer.strategy} sets the base's dtype itself "
+            "(DeepSpeed casts the whole module, FSDP flattens each block into one dtype); use memory.base_dtype=auto"
+        )
+    precision = str(trainer.precision)
+    if memory.base_dtype == "fp8" and precision.endswith("-true") and not precision.startswith(("32", "64")):
+        raise ValueError(
+            f"memory.base_dtype=fp8: trainer.precision={precision} makes Lightning cast the whole module, the float8 "
+            "base and the LoRA, to 16 bits; use trainer.precision=bf16-mixed"
+        )
+    if memory.offload == "group":
+        if trainer.strategy != "auto" or str(trainer.devices) != "1":
+            raise ValueError(
+                "memory.offload=group works on one device only (DDP broadcasts, DeepSpeed and FSDP move, cast or shard "
+                "the whole module, offloaded layers included): use it with trainer.strategy=auto trainer.devices=1 "
+                f"(got {trainer.strategy}, devices={trainer.devices})"
+            )
+        if experts.offload_idle:
+            raise ValueError(
+                "memory.offload=group already keeps both experts' base layers on the CPU; leave experts.offload_idle "
+                "off (it would move whole experts under the offload hooks)"
+            )
+        if not optim.checkpointing(spec):
+            raise ValueError(
+                "memory.offload=group needs gradient checkpointing: without it the backward keeps the GPU copy of "
+                "every offloaded layer until the step ends, so nothing is saved; set optim.gradient_checkpointing=true"
+            )
+        if memory.blocks_per_group != 1:
+            raise ValueError(
+                f"memory.blocks_per_group={memory.blocks_per_group}: training moves each linear layer of the base on "
+                "its own (a group of blocks would take the blocks' LoRA and gradients to the CPU with it); leave it at "
+                "1 (it groups blocks in inference)"
+            )
+    if optim.optimizer == "adamw8bit" and trainer.strategy.startswith("deepspeed"):
+        raise ValueError(
+            f"optim.optimizer=adamw8bit: trainer.strategy={trainer.strategy} wraps the optimizer in DeepSpeed's own, "
+            "which partitions its state itself; use optim.optimizer=adamw"
+        )
+    if optim.optimizer == "adamw8bit" and trainer.offload:
+        raise ValueError(
+            "optim.optimizer=adamw8bit and trainer.offload both shrink the optimizer state on the GPU (8-bit moments, "
+            "or the state on the CPU): choose one"
+        )
     defaults = variant_defaults(cfg)
     handoff = make_handoff(defaults["handoff"])
     handoff.check_base(spec)
@@ -133,3 +178,11 @@ def variant_defaults(cfg: DictConfig) -> dict[str, Any]:
     builtin = {f.name: f.default for f in fields(GenerationSettings)}
     chosen = {k: builtin[k] for k in ("conditioning", "handoff", "ref_pad_num", "motion_frames", "motion_latents")}
     return chosen | {k: v for k, v in values.items() if v is not None}
+
+
+if __name__ == "__main__":  # python -m svi_train.plan <overrides>: the memory plan (svi_train.memory_plan)
+    import sys
+
+    from svi_train.memory_plan import main
+
+    main(sys.argv[1:])

@@ -19,6 +19,7 @@ from svi_train.callbacks import AdapterExport, RolloutPreview, StepProgress
 from svi_train.checkpoints import CHECKPOINT_DIR
 from svi_train.config import LoggerSettings
 from svi_train.data import WdsDataModule
+from svi_train.memory_plan import check_fits, run_memory
 from svi_train.module import SVILitModule
 from svi_train.plan import TrainPlan, plan
 from svi_train.recycling.capacity import announce_bank_capacity
@@ -57,6 +58,8 @@ def train(checked: TrainPlan, callbacks: Sequence[L.Callback] | None = None) -> 
     extra = list(callbacks or [])
     cfg, spec, data, index, run_dir = checked.cfg, checked.spec, checked.data, checked.index, checked.run_dir
     trainer_cfg, callbacks_cfg = checked.trainer, checked.callbacks
+    # the memory plan's line, and a refusal when it cannot fit the GPU (memory.gpu_gib or the device's size)
+    check_fits(run_memory(cfg, index), trainer_cfg.accelerator)
     L.seed_everything(cfg.seed, workers=True)
     # the byte cap resolved once (auto: from this host's memory), printed per bank, warned below 500 per grid
     recycling = announce_bank_capacity(checked.recycling, spec, index, trainer_cfg.devices, trainer_cfg.accelerator)
@@ -73,6 +76,8 @@ def train(checked: TrainPlan, callbacks: Sequence[L.Callback] | None = None) -> 
         seed=cfg.seed,
         save_banks=callbacks_cfg.save_banks,
         experts=checked.experts,
+        memory=checked.memory,
+        trainer=trainer_cfg,
     )
     export = AdapterExport(run_dir / "adapters", callbacks_cfg.export_every_n_steps)
     callbacks = [

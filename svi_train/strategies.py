@@ -183,12 +183,21 @@ def make_optimizer(
     lr: float,
     betas: tuple[float, float],
     weight_decay: float,
+    kind: str = "adamw",
 ) -> torch.optim.Optimizer:
-    """AdamW; DeepSpeed's CPU AdamW when the strategy offloads the optimizer state (JIT-compiled on first use)."""
+    """AdamW; DeepSpeed's CPU AdamW when the strategy offloads the optimizer state (JIT-compiled on first use);
+    ``kind="adamw8bit"``: bitsandbytes' AdamW8bit, whose two moments take a byte per value (plus a float scale per
+    256) instead of four (tensors under 4096 values keep float32 moments)."""
     if uses_cpu_adam(strategy):
+        if kind != "adamw":  # svi_train.plan refuses this before the run starts
+            raise ValueError(f"optim.optimizer={kind}: DeepSpeed's ZeRO-Offload brings its own CPU AdamW")
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(list(params), lr=lr, betas=betas, weight_decay=weight_decay, adamw_mode=True)
+    if kind == "adamw8bit":
+        from bitsandbytes.optim import AdamW8bit
+
+        return AdamW8bit(params, lr=lr, betas=betas, weight_decay=weight_decay)
     return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
 
 

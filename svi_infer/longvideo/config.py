@@ -57,6 +57,15 @@ class AdapterConfig:
 
 
 @dataclass
+class MemoryConfig:
+    """``memory.*``: where the weights live and in which dtype (:mod:`svi_infer.memory`)."""
+
+    weights_dtype: str = MISSING
+    offload: str = MISSING
+    blocks_per_group: int = MISSING
+
+
+@dataclass
 class InferConfig:
     """The keys of ``conf/infer.yaml`` and their types."""
 
@@ -78,6 +87,7 @@ class InferConfig:
     variant: VariantConfig = field(default_factory=VariantConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
 
 
 def register() -> None:
@@ -85,12 +95,13 @@ def register() -> None:
 
     Its top level stays open to keys it does not declare: the experiment files, shared with svi_train, set its keys
     there too (``recycling``, ``data``, ``lora``, ...), which svi_infer ignores. Hydra closes it before applying
-    the command line, so a misspelt override still fails; ``variant``, ``adapter`` and ``model`` are closed always.
+    the command line, so a misspelt override still fails; ``variant``, ``adapter``, ``model`` and ``memory`` are
+    closed always.
     """
     from hydra.core.config_store import ConfigStore
 
     node = OmegaConf.structured(InferConfig)
     OmegaConf.set_struct(node, False)
-    for name in ("variant", "adapter", "model"):
+    for name in ("variant", "adapter", "model", "memory"):
         OmegaConf.set_struct(node[name], True)
     ConfigStore.instance().store(name=SCHEMA_NAME, node=node)

@@ -27,6 +27,40 @@ if TYPE_CHECKING:
     from svi_infer.longvideo.generator import GenerationResult
 
 _SPEC_DEFAULTS = ("frames_per_clip", "fps", "steps", "shift", "cfg_scale")
+WEIGHTS_DTYPES = ("auto", "fp8")
+OFFLOADS = ("none", "model", "group")
+
+
+@dataclass(frozen=True)
+class Memory:
+    """``memory.*``, checked: the DiT's storage dtype and what is offloaded (:func:`svi_infer.memory.arrange`)."""
+
+    weights_dtype: str = "auto"
+    offload: str = "none"
+    blocks_per_group: int = 1
+
+    @property
+    def placed(self) -> bool:
+        """Whether the model is built on the CPU and placed by :func:`svi_infer.memory.arrange` (else built on its
+        device, as without this setting)."""
+        return self.weights_dtype != "auto" or self.offload != "none"
+
+
+def _memory(cfg: DictConfig) -> Memory:
+    given = OmegaConf.to_container(cfg.memory, resolve=True) if cfg.get("memory") is not None else {}
+    known = [f.name for f in fields(Memory)]
+    unknown = [key for key in given if key not in known]
+    if unknown:
+        raise ValueError(f"unknown key memory.{unknown[0]}: memory takes {', '.join(known)}")
+    memory = Memory(**given)
+    if memory.weights_dtype not in WEIGHTS_DTYPES:
+        raise ValueError(f"memory.weights_dtype must be one of {WEIGHTS_DTYPES}, got {memory.weights_dtype!r}")
+    if memory.offload not in OFFLOADS:
+        raise ValueError(f"memory.offload must be one of {OFFLOADS}, got {memory.offload!r}")
+    count = memory.blocks_per_group
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"memory.blocks_per_group must be an integer >= 1, got {count!r}")
+    return memory
 
 
 @dataclass(frozen=True)
@@ -43,6 +77,7 @@ class Plan:
     output: Path
     conditioning: Conditioning  # the variant's: Talk's audio, Dance's pose, or text only
     inputs: RunInputs  # its checked inputs (audio, pose video, side_by_side, Talk's model files)
+    memory: Memory = Memory()  # the DiT's storage dtype and offload
 
 
 def _adapters(cfg: DictConfig, spec: ModelSpec) -> list[tuple[Path, str | None]]:
@@ -170,6 +205,7 @@ def plan(cfg: DictConfig) -> Plan:
         )
     if OmegaConf.is_missing(cfg, "image") or OmegaConf.is_missing(cfg, "prompts"):
         raise ValueError("give image=<path to the first frame> and prompts=<.txt/.json file or a prompt>")
+    memory = _memory(cfg)
     output = Path(cfg.output).expanduser()
     check_output(output, cfg.resume, cfg.overwrite)
     adapters = _adapters(cfg, spec)
@@ -198,6 +234,7 @@ def plan(cfg: DictConfig) -> Plan:
         output,
         conditioning,
         inputs,
+        memory,
     )
 
 
@@ -207,13 +244,25 @@ def run(cfg: DictConfig) -> GenerationResult:
     # torch, diffusers and peft start up only now, once every cheap check has passed
     from svi_infer.adapters import load_adapter, set_strength
     from svi_infer.longvideo.generator import LongVideoGenerator
+    from svi_infer.memory import arrange
+    from svi_infer.memory_plan import Clip, plan_generation
     from svi_infer.model import OriginalFiles, build_model, resolve_device
 
     device, dtype = resolve_device(cfg.model.device, cfg.model.dtype)
     original = OriginalFiles.from_paths(
         cfg.model.get("transformer_files"), cfg.model.get("transformer_2_files"), cfg.model.get("vae_file")
     )
-    model = build_model(p.spec, p.model_path, device, dtype, original)
+    settings = p.settings.resolve(p.spec, p.image.size)
+    clip = Clip(settings.frames_per_clip or p.spec.frames_per_clip, settings.height, settings.width)
+    memory = p.memory
+    estimate = plan_generation(
+        p.spec, clip, memory.weights_dtype, memory.offload, memory.blocks_per_group, dtype, p.model_path
+    )
+    print(estimate.line(), flush=True)
+    # memory.*: built on the CPU, stored and placed once the adapters are in (svi_infer.memory.arrange); the
+    # conditioning's own runtime modules (Talk's audio encoder) go to the device at once
+    model = build_model(p.spec, p.model_path, "cpu" if p.memory.placed else device, dtype, original)
+    model.device = device
     p.conditioning.attach(model, p.inputs)  # before the adapters, so an adapter holding LoRA for its modules finds them
     for path, expert in p.adapters:
         load_adapter(model, path, expert=expert, ignore_unmatched=cfg.adapter.ignore_unmatched)
@@ -222,6 +271,8 @@ def run(cfg: DictConfig) -> GenerationResult:
         load_adapter(model, path, adapter_name=name, ignore_unmatched=cfg.adapter.ignore_unmatched)
     if p.adapters or p.extras:
         set_strength(model, cfg.adapter.strength, stacked)
+    if p.memory.placed:
+        arrange(model, p.memory.weights_dtype, p.memory.offload, p.memory.blocks_per_group, device)
     provenance = {
         "model_path": p.model_path,
         "original_files": [str(f) for f in (*original.transformer, *original.transformer_2, original.vae) if f],
@@ -230,6 +281,8 @@ def run(cfg: DictConfig) -> GenerationResult:
         "adapter_strength": cfg.adapter.strength,
         "image": str(cfg.image),
     }
+    if p.memory.weights_dtype != "auto":  # changes the frames (offloading does not): a resume must match
+        provenance["weights_dtype"] = p.memory.weights_dtype
     for key in ("multitalk", "audio_encoder"):  # Talk's model files
         if key in p.inputs.files:
             provenance[key] = str(p.inputs.files[key]) if p.inputs.files[key] else None
