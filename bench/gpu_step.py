@@ -191,12 +191,16 @@ def peak_for_name(name: str, dtype: torch.dtype) -> tuple[float, str]:
 
 
 # -- model ----------------------------------------------------------------------------------------------------------
-def build_transformer(spec, layers: int, device: torch.device, dtype: torch.dtype, rank: int) -> torch.nn.Module:
-    """Random-weight DiT with ``layers`` blocks, built on ``device`` in ``dtype``; LoRA on SVI's targets (fp32)."""
+def build_transformer(
+    spec, layers: int, device: torch.device, dtype: torch.dtype, rank: int, fp8: bool = False
+) -> torch.nn.Module:
+    """Random-weight DiT with ``layers`` blocks, built on ``device`` in ``dtype``; LoRA on SVI's targets (fp32).
+    ``fp8``: the base stored in float8, computed in ``dtype`` (``memory.base_dtype=fp8``, before the LoRA)."""
     from diffusers import WanTransformer3DModel
     from peft import LoraConfig
 
     from svi_train.config import SVI_TARGETS, LoraSettings
+    from svi_train.module import cast_lora_inputs_outside_autocast
 
     config = dict(spec.transformer_config(), num_layers=layers)
     previous = torch.get_default_dtype()
@@ -209,6 +213,10 @@ def build_transformer(spec, layers: int, device: torch.device, dtype: torch.dtyp
                 if any(k in name.split(".") for k in keep):
                     param.data = param.data.float()
             transformer.requires_grad_(False)
+            if fp8:
+                from svi_infer.memory import store_float8
+
+                store_float8(transformer, compute_dtype=dtype)
             init = True if LoraSettings().init == "kaiming" else LoraSettings().init
             lora = LoraConfig(r=rank, lora_alpha=float(rank), target_modules=list(SVI_TARGETS), init_lora_weights=init)
             transformer.add_adapter(lora, adapter_name="default")
@@ -218,6 +226,7 @@ def build_transformer(spec, layers: int, device: torch.device, dtype: torch.dtyp
         if param.requires_grad:
             param.data = param.data.float()  # the LoRA is AdamW's fp32 master copy
     transformer.train()
+    cast_lora_inputs_outside_autocast(transformer)  # as SVILitModule: no float32 copies of the LoRA's inputs
     transformer.enable_gradient_checkpointing()
     return transformer
 
@@ -346,6 +355,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bank-fill", type=int, default=2, help="errors pre-filled per grid = capacity (default 2)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOPS for MFU (default: by device)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    parser.add_argument("--fp8", action="store_true", help="base weights stored in float8 (memory.base_dtype=fp8)")
     args = parser.parse_args(argv)
     tiny = args.tiny
     args.device = args.device or ("cpu" if tiny else "cuda")
@@ -395,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     torch.manual_seed(0)
-    transformer = build_transformer(spec, layers, device, dtype, args.rank)
+    transformer = build_transformer(spec, layers, device, dtype, args.rank, args.fp8)
     lora_params = sum(p.numel() for p in transformer.parameters() if p.requires_grad)
     all_params = sum(p.numel() for p in transformer.parameters())
     bench = Bench(spec, transformer, latent, device, dtype, args.bank_fill)
@@ -444,12 +454,32 @@ def main(argv: list[str] | None = None) -> int:
         "mfu_on": on["mfu"],
         "tflops_step": flops / 1e12,
         "hw_tflops_step": hw_flops / 1e12,
+        "planned_gb": planned_gib(spec, layers, args, dtype),
         "layers": layers,
         "other_load_cpus": other_load,
         "threads": torch.get_num_threads(),
     }
     print(" ".join(f"{key}={_fmt(value)}" for key, value in figures.items()))
     return 0
+
+
+def planned_gib(spec, layers: int, args: argparse.Namespace, dtype: torch.dtype) -> float:
+    """The memory planner's prediction of this step's peak (``python -m svi_train.plan``), in GiB."""
+    from dataclasses import replace
+
+    from svi_train.config import LoraSettings
+    from svi_train.memory_plan import Choice, Sample, plan_memory
+
+    base = "fp8" if args.fp8 else {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+    precision = {torch.bfloat16: "bf16-mixed", torch.float16: "16-mixed"}.get(dtype, "32-true")
+    plan = plan_memory(
+        replace(spec, num_layers=layers),
+        LoraSettings(rank=args.rank, alpha=float(args.rank)),
+        Choice(base, checkpointing=True),
+        Sample(1, args.frames, args.height, args.width),
+        precision,
+    )
+    return plan.gpu / 2**30
 
 
 def _fmt(value: float) -> str:

@@ -26,6 +26,7 @@ FIGURES = (
     "mfu_on",
     "tflops_step",
     "hw_tflops_step",
+    "planned_gb",
     "layers",
     "other_load_cpus",
     "threads",
