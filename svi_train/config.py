@@ -38,7 +38,7 @@ class OptimSettings:
     lr: float = 1e-4
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
-    optimizer: str = "adamw"  # adamw | adamw8bit (torchao's AdamW8bit: 8-bit moments, ~1/4 of AdamW's state)
+    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes' AdamW8bit: 8-bit moments, ~1/4 of AdamW's state)
     timesteps: str = "shifted_uniform"  # SVI's table with its bell-shaped loss weight | logit_normal
     gradient_checkpointing: bool | None = None  # None: on for real models, off for the tiny and bundled ones
     max_nonfinite_in_row: int = 5  # non-finite losses are skipped; this many in a row stop the run
@@ -111,6 +111,10 @@ class ConditioningSettings:
 
 
 BASE_DTYPES = ("auto", "bf16", "fp8")
+ONE_DEVICE_OFFLOAD = (
+    "memory.offload=group works on one device only (DDP broadcasts, DeepSpeed and FSDP move, cast or shard the whole "
+    "module, offloaded layers included): use it with trainer.strategy=auto trainer.devices=1"
+)
 OFFLOAD_CHOICES = ("none", "group")
 
 

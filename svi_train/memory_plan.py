@@ -416,7 +416,8 @@ def check_fits(run: RunMemory, accelerator: str) -> MemoryPlan:
     best = cheapest(run.ladder_plans(), gpu)
     hint = f"try {best.choice.overrides()} ({size(best.gpu)})" if best else "no setting of this framework fits it"
     raise UserError(
-        f"the memory plan needs {size(plan.gpu)} per GPU, more than this {gpu:g} GiB GPU: {hint}; "
+        f"the memory plan needs {size(plan.gpu)} per GPU (+ {RESERVE_GIB} GiB for CUDA itself), more than this "
+        f"{gpu:g} GiB GPU: {hint}; "
         "python -m svi_train.plan <the same overrides> shows the plan, memory.ignore_plan=true starts anyway"
     )
 

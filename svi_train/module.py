@@ -14,13 +14,21 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from svi_infer.adapters import AdapterMeta
 from svi_infer.conditioning import MASK_CHANNELS, held_timesteps, replace_held
+from svi_infer.errors import UserError
 from svi_infer.flow import add_noise, velocity_target
 from svi_infer.memory import lora_to_float32, offload_layers, parked, store_float8
 from svi_infer.model import build_model
 from svi_infer.spec import ModelSpec
 from svi_infer.variants import VariantSpec, make_conditioning, make_handoff
 from svi_infer.variants.base import Conditioning
-from svi_train.config import ExpertSettings, LoraSettings, MemorySettings, OptimSettings, TrainerSettings
+from svi_train.config import (
+    ONE_DEVICE_OFFLOAD,
+    ExpertSettings,
+    LoraSettings,
+    MemorySettings,
+    OptimSettings,
+    TrainerSettings,
+)
 from svi_train.experts import Experts
 from svi_train.export import CHECKPOINT_KEY
 from svi_train.faults import NonFiniteGuard
@@ -162,6 +170,8 @@ class SVILitModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         self.rank_state.seed_rank(self.global_rank)
         if self.memory.offload == "group":
+            if self.trainer.world_size > 1:  # trainer.devices=auto found several GPUs
+                raise UserError(f"{ONE_DEVICE_OFFLOAD} (got {self.trainer.world_size} devices)")
             # before Lightning's strategy setup moves the module to its device (which _apply below keeps off the
             # offloaded layers); the layers are on the CPU already, and go to the GPU for their forward only
             for transformer in self.expert_modules().values():
@@ -175,7 +185,7 @@ class SVILitModule(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]  # shared (tied) LoRA weights once
-        o = self.optim  # AdamW (torchao's 8-bit AdamW with optim.optimizer=adamw8bit), DeepSpeed's under ZeRO-Offload
+        o = self.optim  # AdamW (bitsandbytes' 8-bit one with optim.optimizer=adamw8bit), DeepSpeed's under ZeRO-Offload
         return make_optimizer(
             params, self.trainer.strategy, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, kind=o.optimizer
         )

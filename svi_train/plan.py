@@ -18,6 +18,7 @@ from svi_infer.variants import VariantSpec, make_conditioning, make_handoff, ren
 from svi_infer.variants.base import Conditioning, Handoff
 from svi_train.checkpoints import resume_checkpoint
 from svi_train.config import (
+    ONE_DEVICE_OFFLOAD,
     SCHEMAS,
     CallbackSettings,
     DataConfig,
@@ -91,12 +92,9 @@ def plan(cfg: DictConfig) -> TrainPlan:
             "base and the LoRA, to 16 bits; use trainer.precision=bf16-mixed"
         )
     if memory.offload == "group":
-        if trainer.strategy != "auto" or str(trainer.devices) != "1":
-            raise ValueError(
-                "memory.offload=group works on one device only (DDP broadcasts, DeepSpeed and FSDP move, cast or shard "
-                "the whole module, offloaded layers included): use it with trainer.strategy=auto trainer.devices=1 "
-                f"(got {trainer.strategy}, devices={trainer.devices})"
-            )
+        # devices=auto (trainer=gpu) is one device on a one-GPU machine: SVILitModule.setup checks the count it gets
+        if trainer.strategy != "auto" or str(trainer.devices) not in ("1", "auto") or trainer.num_nodes != 1:
+            raise UserError(ONE_DEVICE_OFFLOAD + f" (got {trainer.strategy}, devices={trainer.devices})")
         if experts.offload_idle:
             raise ValueError(
                 "memory.offload=group already keeps both experts' base layers on the CPU; leave experts.offload_idle "

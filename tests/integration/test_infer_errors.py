@@ -161,7 +161,8 @@ def test_finished_video_is_kept_unless_overwrite(workdir, image_file, monkeypatc
     capsys.readouterr()
     result = app.run(compose_infer([*base, "seed=7"]))
     # 5. the resumed run says so, with how many clips remain
-    assert capsys.readouterr().out == f"resuming {out} after clip 1 of 2: 1 to go\n"
+    plan_line, resumed = capsys.readouterr().out.splitlines()
+    assert plan_line.startswith("memory plan: ") and resumed == f"resuming {out} after clip 1 of 2: 1 to go"
     assert result.clips == 2 and out.read_bytes() != video and not parts_dir(out).exists()
     assert json.loads(result.sidecar.read_text())["settings"]["seed"] == 7
 

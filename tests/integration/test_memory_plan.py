@@ -254,3 +254,19 @@ def test_14b_480p_generation_is_planned_within_24_gb_with_group_offload_and_fp8(
     names = [c.name for c in frugal.components]
     assert names == ["text encoder", "image encoder", "VAE"]
     assert 10 * GiB < frugal.components[0].weights < 11 * GiB  # UMT5-XXL, 5.7B parameters in bf16
+
+
+def test_training_refuses_a_plan_that_does_not_fit(shards, tmp_path, capsys):
+    from svi_infer.errors import USER_ERRORS
+    from svi_train.run import run
+
+    base = ["+experiment=tiny", f"data.path={shards}", "trainer.max_steps=1", "logger.kind=none", "memory.gpu_gib=0.5"]
+    with pytest.raises(
+        USER_ERRORS,
+        match=r"the memory plan needs 1\.\d MiB per GPU \(\+ 1\.5 GiB for CUDA itself\), more than this 0\.5 GiB GPU: ",
+    ):
+        run(compose_train([*base, f"output_dir={tmp_path / 'refused'}"]))
+    assert not (tmp_path / "refused" / "checkpoints").exists()
+    assert capsys.readouterr().out.startswith("memory plan: 1.")  # the plan's line comes first
+    run(compose_train([*base, f"output_dir={tmp_path / 'forced'}", "memory.ignore_plan=true"]))
+    assert (tmp_path / "forced" / "adapters" / "final").is_dir()

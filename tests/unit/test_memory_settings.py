@@ -92,6 +92,13 @@ def test_accepted_combinations_reach_the_shards():
         ("memory.base_dtype=fp8", "trainer.precision=bf16-mixed"),
         ("trainer.strategy=deepspeed_z2",),  # base_dtype=auto: the strategy decides
         ("optim.optimizer=adamw8bit", "trainer.strategy=fsdp"),
+        (
+            "trainer=gpu",
+            "memory.base_dtype=fp8",
+            "memory.offload=group",
+            "optim.optimizer=adamw8bit",
+            "optim.gradient_checkpointing=true",
+        ),
     ]:
         with pytest.raises(FileNotFoundError, match="index.json does not exist"):
             _plan(*overrides)
