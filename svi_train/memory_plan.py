@@ -116,7 +116,7 @@ class MemoryPlan:
         """The one-line summary training prints at start."""
         base = " + ".join(f"{size(n)} {dtype}" for dtype, n in self.base.items() if n)
         return (
-            f"memory plan: {size(self.gpu)} per GPU (base {base}, LoRA {size(self.lora)}, gradients "
+            f"memory plan: {size(self.gpu)} per device (base {base}, LoRA {size(self.lora)}, gradients "
             f"{size(self.gradients)}, optimizer {size(self.optimizer)}, activations {size(self.activations)}), host "
             f"{size(self.host)}; {self.choice.overrides()}"
         )
