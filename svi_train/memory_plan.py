@@ -16,7 +16,7 @@ and ``memory.offload=group``, which keeps the base's linear layers on the host a
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from typing import Any
 
@@ -281,22 +281,45 @@ def cheapest(plans: list[MemoryPlan], gib_size: float) -> MemoryPlan | None:
     return next((p for p in plans if p.fits(gib_size)), None)
 
 
-def describe(plan: MemoryPlan, ladder_plans: list[MemoryPlan], gpu_gib: float | None) -> str:
-    """The planner's printout: this run's plan, whether it fits, and the cheapest settings per GPU size."""
+def describe(run: RunMemory, plan: MemoryPlan, ladder_plans: list[MemoryPlan]) -> str:
+    """The planner's printout: this run's plan, whether it fits, and the cheapest settings per GPU size (where none
+    fits, the longest clip the most frugal settings fit)."""
     sample = plan.sample
     lines = [
         f"sample: {sample.batch} x {sample.frames} frames x {sample.height}x{sample.width}",
         plan.table(),
     ]
-    if gpu_gib is not None:
-        verdict = "fits" if plan.fits(gpu_gib) else "does NOT fit"
-        lines.append(f"this run {verdict} a {gpu_gib:g} GiB GPU")
+    if run.gpu_gib is not None:
+        verdict = "fits" if plan.fits(run.gpu_gib) else "does NOT fit"
+        lines.append(f"this run {verdict} a {run.gpu_gib:g} GiB GPU")
     lines.append("cheapest settings that fit:")
     for gpu in GPU_SIZES_GIB:
         best = cheapest(ladder_plans, gpu)
-        text = f"{size(best.gpu)}: {best.choice.overrides()}" if best else "none of the settings fit"
+        if best:
+            text = f"{size(best.gpu)}: {best.choice.overrides()}"
+        else:
+            shorter = longest_clip(run, ladder_plans[-1].choice, gpu)
+            text = f"none at {sample.frames} frames"
+            if shorter:
+                text += f"; {shorter.choice.overrides()} fits {shorter.sample.frames} frames ({size(shorter.gpu)})"
         lines.append(f"  {gpu:>3} GB: {text}")
     return "\n".join(lines)
+
+
+def longest_clip(run: RunMemory, choice: Choice, gpu_gib: float) -> MemoryPlan | None:
+    """The plan of the longest clip (4k+1 frames, shorter than the run's) that ``choice`` fits on a ``gpu_gib``
+    GPU, or None: a bisection, activations growing with the frames."""
+    step = run.spec.vae_temporal
+    low, high = 0, (run.sample.frames - 1) // step  # clip lengths 4k+1 for k in (low, high)
+    best = None
+    while high - low > 1:
+        middle = (low + high) // 2
+        plan = replace(run, sample=replace(run.sample, frames=middle * step + 1)).plan(choice)
+        if plan.fits(gpu_gib):
+            low, best = middle, plan
+        else:
+            high = middle
+    return best
 
 
 def sample_of(spec: ModelSpec, index: dict[str, Any] | None, batch: int) -> Sample:
@@ -413,8 +436,18 @@ def check_fits(run: RunMemory, accelerator: str) -> MemoryPlan:
     gpu = run.gpu_gib or device_gib(accelerator)
     if gpu is None or plan.fits(gpu) or run.ignore_plan:
         return plan
-    best = cheapest(run.ladder_plans(), gpu)
-    hint = f"try {best.choice.overrides()} ({size(best.gpu)})" if best else "no setting of this framework fits it"
+    ladder_plans = run.ladder_plans()
+    best = cheapest(ladder_plans, gpu)
+    if best:
+        hint = f"try {best.choice.overrides()} ({size(best.gpu)})"
+    else:
+        shorter = longest_clip(run, ladder_plans[-1].choice, gpu)
+        hint = f"no setting fits {run.sample.frames}-frame clips"
+        if shorter:
+            hint += (
+                f"; {shorter.choice.overrides()} fits {shorter.sample.frames}-frame clips (python -m data_tools "
+                f"prepare ... frames_per_clip={shorter.sample.frames})"
+            )
     raise UserError(
         f"the memory plan needs {size(plan.gpu)} per GPU (+ {RESERVE_GIB} GiB for CUDA itself), more than this "
         f"{gpu:g} GiB GPU: {hint}; "
@@ -455,6 +488,6 @@ def main(argv: list[str]) -> None:
         run = run_memory(cfg, index)
         plan = run.plan()
         print(f"memory plan for {run.spec.id}, LoRA r={run.lora.rank}, precision {run.precision}", file=sys.stdout)
-        print(describe(plan, run.ladder_plans(), run.gpu_gib))
+        print(describe(run, plan, run.ladder_plans()))
     except USER_ERRORS as err:
         exit_with(prog, err)

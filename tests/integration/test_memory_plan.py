@@ -152,6 +152,8 @@ def test_the_planner_command_prints_the_plan_and_what_fits(tmp_path):
     assert "this run does NOT fit a 48 GiB GPU" in out
     for size in ("24 GB:", "48 GB:", "80 GB:"):
         assert size in out
+    # at 81 frames nothing fits 24 GB: the most frugal settings' longest clip instead
+    assert "24 GB: none at 81 frames; memory.base_dtype=fp8 " in out and " fits 49 frames (" in out
     assert not (tmp_path / "outputs").exists()  # a plan writes nothing
 
 
@@ -263,7 +265,8 @@ def test_training_refuses_a_plan_that_does_not_fit(shards, tmp_path, capsys):
     base = ["+experiment=tiny", f"data.path={shards}", "trainer.max_steps=1", "logger.kind=none", "memory.gpu_gib=0.5"]
     with pytest.raises(
         USER_ERRORS,
-        match=r"the memory plan needs 1\.\d MiB per GPU \(\+ 1\.5 GiB for CUDA itself\), more than this 0\.5 GiB GPU: ",
+        match=r"the memory plan needs 1\.\d MiB per GPU \(\+ 1\.5 GiB for CUDA itself\), more than this 0\.5 GiB "
+        r"GPU: no setting fits 9-frame clips; python -m svi_train.plan",
     ):
         run(compose_train([*base, f"output_dir={tmp_path / 'refused'}"]))
     assert not (tmp_path / "refused" / "checkpoints").exists()
