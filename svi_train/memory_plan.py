@@ -294,16 +294,20 @@ def describe(run: RunMemory, plan: MemoryPlan, ladder_plans: list[MemoryPlan]) -
         lines.append(f"this run {verdict} a {run.gpu_gib:g} GiB GPU")
     lines.append("cheapest settings that fit:")
     for gpu in GPU_SIZES_GIB:
-        best = cheapest(ladder_plans, gpu)
-        if best:
-            text = f"{size(best.gpu)}: {best.choice.overrides()}"
-        else:
-            shorter = longest_clip(run, ladder_plans[-1].choice, gpu)
-            text = f"none at {sample.frames} frames"
-            if shorter:
-                text += f"; {shorter.choice.overrides()} fits {shorter.sample.frames} frames ({size(shorter.gpu)})"
-        lines.append(f"  {gpu:>3} GB: {text}")
+        lines.append(f"  {gpu:>3} GB: {what_fits(run, ladder_plans, gpu)}")
     return "\n".join(lines)
+
+
+def what_fits(run: RunMemory, ladder_plans: list[MemoryPlan], gpu_gib: float) -> str:
+    """The cheapest settings that fit a ``gpu_gib`` GPU, or else the longest clip the most frugal ones fit."""
+    best = cheapest(ladder_plans, gpu_gib)
+    if best:
+        return f"{size(best.gpu)}: {best.choice.overrides()}"
+    text = f"none at {run.sample.frames} frames"
+    shorter = longest_clip(run, ladder_plans[-1].choice, gpu_gib)
+    if shorter:
+        text += f"; {shorter.choice.overrides()} fits {shorter.sample.frames} frames ({size(shorter.gpu)})"
+    return text
 
 
 def longest_clip(run: RunMemory, choice: Choice, gpu_gib: float) -> MemoryPlan | None:
@@ -436,21 +440,9 @@ def check_fits(run: RunMemory, accelerator: str) -> MemoryPlan:
     gpu = run.gpu_gib or device_gib(accelerator)
     if gpu is None or plan.fits(gpu) or run.ignore_plan:
         return plan
-    ladder_plans = run.ladder_plans()
-    best = cheapest(ladder_plans, gpu)
-    if best:
-        hint = f"try {best.choice.overrides()} ({size(best.gpu)})"
-    else:
-        shorter = longest_clip(run, ladder_plans[-1].choice, gpu)
-        hint = f"no setting fits {run.sample.frames}-frame clips"
-        if shorter:
-            hint += (
-                f"; {shorter.choice.overrides()} fits {shorter.sample.frames}-frame clips (python -m data_tools "
-                f"prepare ... frames_per_clip={shorter.sample.frames})"
-            )
     raise UserError(
         f"the memory plan needs {size(plan.gpu)} per GPU (+ {RESERVE_GIB} GiB for CUDA itself), more than this "
-        f"{gpu:g} GiB GPU: {hint}; "
+        f"{gpu:g} GiB GPU; what fits it: {what_fits(run, run.ladder_plans(), gpu)}; "
         "python -m svi_train.plan <the same overrides> shows the plan, memory.ignore_plan=true starts anyway"
     )
 

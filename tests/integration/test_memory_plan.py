@@ -266,7 +266,7 @@ def test_training_refuses_a_plan_that_does_not_fit(shards, tmp_path, capsys):
     with pytest.raises(
         USER_ERRORS,
         match=r"the memory plan needs 1\.\d MiB per GPU \(\+ 1\.5 GiB for CUDA itself\), more than this 0\.5 GiB "
-        r"GPU: no setting fits 9-frame clips; python -m svi_train.plan",
+        r"GPU; what fits it: none at 9 frames; python -m svi_train.plan",
     ):
         run(compose_train([*base, f"output_dir={tmp_path / 'refused'}"]))
     assert not (tmp_path / "refused" / "checkpoints").exists()
