@@ -24,8 +24,10 @@ import torch
 
 from svi_infer.memory_plan import (
     RESERVE_GIB,
+    Clip,
     GiB,
     LiveBytes,
+    dit_inputs,
     fits,
     frozen_bytes,
     fused_attention,
@@ -52,10 +54,9 @@ class Sample:
     height: int
     width: int
 
-    def tokens(self, spec: ModelSpec) -> int:
-        latent_h, latent_w = self.height // spec.vae_spatial, self.width // spec.vae_spatial
-        patch = spec.patch_size
-        return spec.latent_frames(self.frames) // patch[0] * (latent_h // patch[1]) * (latent_w // patch[2])
+    @property
+    def clip(self) -> Clip:
+        return Clip(self.frames, self.height, self.width)
 
 
 @dataclass(frozen=True)
@@ -165,34 +166,21 @@ def step_peak(
     if checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()
-    latent_h, latent_w = sample.height // spec.vae_spatial, sample.width // spec.vae_spatial
-    frames = spec.latent_frames(sample.frames)
-    latent = (sample.batch, spec.latent_channels, frames, latent_h, latent_w)
-    # the step's own tensors count too: the batch (in the shards' bf16) and the training step's latents, noise,
-    # target and its DiT inputs
+    latent = (sample.batch, *sample.clip.latent(spec)[1:])
     live = LiveBytes(existing=transformer)
     for parameter in transformer.parameters():  # the gradients are counted apart, whole
         if parameter.requires_grad:
             parameter.register_post_accumulate_grad_hook(lambda p: live.exclude(p.grad))
+    # the step's own tensors count too: the batch (x0 and y, in the shards' bf16), the noise, the float32 target and
+    # the DiT's inputs in the compute dtype
     with fused_attention(), live, torch.device("meta"):
-        batch = [torch.empty(latent, dtype=torch.bfloat16) for _ in range(2)]  # x0 and y
-        text = torch.empty(sample.batch, spec.text_len, spec.text_dim, dtype=torch.bfloat16).to(compute)
-        image = None
-        if spec.image_dim:
-            image = torch.empty(sample.batch, spec.image_tokens, spec.image_dim, dtype=torch.bfloat16).to(compute)
+        batch = [torch.empty(latent, dtype=torch.bfloat16) for _ in range(2)]
         x0, noise = (torch.empty(latent, dtype=torch.float32) for _ in range(2))
         target = noise - x0
-        latents = torch.empty(sample.batch, spec.in_channels, frames, latent_h, latent_w, dtype=compute)
-        timestep = torch.empty(sample.batch)
-        out = transformer(
-            hidden_states=latents,
-            timestep=timestep,
-            encoder_hidden_states=text,
-            encoder_hidden_states_image=image,
-            return_dict=False,
-        )[0]
+        inputs = dit_inputs(spec, sample.clip, compute, sample.batch)
+        out = transformer(**inputs, return_dict=False)[0]
         (out.float() - target).pow(2).mean().backward()
-        del out, batch, x0, noise, target
+        del out, batch, x0, noise, target, inputs
     return live.peak
 
 
