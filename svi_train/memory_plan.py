@@ -213,7 +213,9 @@ def plan_memory(
     banks' bytes on the host.
     """
     strategy = strategy or Strategy()
-    compute = compute_dtype(precision)
+    # the module casts the DiT's inputs to its base's dtype, and float8 layers compute in bf16: a bf16 or float8
+    # base computes in bf16 whatever the precision
+    compute = compute_dtype(precision) if choice.base_dtype == "fp32" else torch.bfloat16
     base_items, linear_items, lora_numel, small_numel = _model_counts(spec, lora, choice.base_dtype, compute)
     per_expert = dict(base_items)
     resident = len(spec.experts) if resident_experts is None else resident_experts

@@ -124,6 +124,14 @@ def test_activations_of_a_larger_sample_match_a_real_cpu_step(mid_spec):
         assert abs(planned - measured) <= TOLERANCE * measured, (checkpointing, planned, measured)
 
 
+@pytest.mark.parametrize("base", ["bf16", "fp8"])
+def test_a_16_bit_base_under_32_bit_precision_is_planned(base):
+    """The module computes a bf16 or float8 base in bf16 (its inputs are cast to it), whatever the precision."""
+    cfg = compose_train(["+experiment=tiny", f"memory.base_dtype={base}"])
+    plan = run_memory(cfg).plan()
+    assert plan.choice.base_dtype == base and base in plan.base and plan.activations > 0
+
+
 def test_checkpointing_and_fp8_and_offload_shrink_the_14b_plan():
     spec = get_spec("wan2.1-i2v-14b-480p")
     sample = Sample(1, 81, 480, 832)
